@@ -1,0 +1,3 @@
+"""qgate: decide whether a quantized LLM checkpoint may ship."""
+
+__version__ = "0.1.0"

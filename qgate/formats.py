@@ -1,0 +1,154 @@
+"""Numeric formats as data, their registry, and the public fake-quantization API.
+
+A format says what one stored value is (its element type), how values share a scale (block size
+and scale type) and what that costs (effective bits per value). The arithmetic lives in the
+backends; `qgate.backends.reference` is the definition every other backend must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from qgate.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ElementType:
+    """A small float (sign, exponent, mantissa) or a scaled integer, with IEEE-like subnormals.
+
+    Saturating: no infinities, the largest finite value is `max_value`.
+    """
+
+    name: str
+    ebits: int
+    mbits: int
+    bias: int
+    max_value: float
+    is_int: bool = False  # INT8 of MX: two's complement with an implied scale of 2^-(mbits-1)
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.ebits + self.mbits
+
+    @property
+    def emax(self) -> int:
+        """Exponent of the largest normal binade (OCP MX's emax_elem)."""
+        return 0 if self.is_int else math.frexp(self.max_value)[1] - 1
+
+    @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal binade; below it values are subnormal."""
+        return 1 - self.bias
+
+
+E2M1 = ElementType("e2m1", ebits=2, mbits=1, bias=1, max_value=6.0)
+E3M2 = ElementType("e3m2", ebits=3, mbits=2, bias=3, max_value=28.0)
+E2M3 = ElementType("e2m3", ebits=2, mbits=3, bias=1, max_value=7.5)
+E4M3 = ElementType("e4m3", ebits=4, mbits=3, bias=7, max_value=448.0)
+E5M2 = ElementType("e5m2", ebits=5, mbits=2, bias=15, max_value=57344.0)
+INT8 = ElementType("int8", ebits=0, mbits=7, bias=0, max_value=127 / 64, is_int=True)
+BF16 = ElementType("bf16", ebits=8, mbits=7, bias=127, max_value=float(torch.finfo(torch.bfloat16).max))
+
+# Scale kinds, by how the shared scale is stored.
+SCALE_E8M0 = "e8m0"                 # OCP MX: one power of two per block
+SCALE_E4M3_FP32 = "e4m3*fp32"       # NVFP4: an E4M3 scale per block times one FP32 scale per tensor
+SCALE_FP32_TENSOR = "fp32/tensor"   # one FP32 scale for the whole tensor
+SCALE_FP32_CHANNEL = "fp32/channel" # one FP32 scale per row (output channel of a Linear weight)
+SCALE_NONE = "none"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    element: ElementType
+    block_size: int | None
+    scale: str
+    bits_per_value: float
+    description: str
+
+    @property
+    def max_value(self) -> float | None:
+        """Largest element value (before scaling); None where nothing is quantized."""
+        return None if self.scale == SCALE_NONE else self.element.max_value
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == SCALE_NONE
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "element": self.element.name,
+            "block_size": self.block_size,
+            "scale": self.scale,
+            "bits_per_value": self.bits_per_value,
+            "max_value": self.max_value,
+            "description": self.description,
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["element"] = asdict(self.element)
+        return d
+
+
+def _mx(name: str, element: ElementType, bits: float) -> Format:
+    return Format(name, element, 32, SCALE_E8M0, bits, f"OCP MX v1.0, {element.name.upper()} elements, block 32, E8M0 scale")
+
+
+_REGISTRY: dict[str, Format] = {
+    f.name: f
+    for f in (
+        _mx("mxfp4", E2M1, 4.25),
+        _mx("mxfp6_e3m2", E3M2, 6.25),
+        _mx("mxfp6_e2m3", E2M3, 6.25),
+        _mx("mxfp8_e4m3", E4M3, 8.25),
+        _mx("mxfp8_e5m2", E5M2, 8.25),
+        _mx("mxint8", INT8, 8.25),
+        Format("nvfp4", E2M1, 16, SCALE_E4M3_FP32, 4.5,
+               "NVFP4: E2M1 elements, block 16, E4M3 block scale times an FP32 tensor scale"),
+        Format("fp8", E4M3, None, SCALE_FP32_TENSOR, 8.0, "FP8 E4M3 with one FP32 scale per tensor"),
+        Format("fp8_channel", E4M3, None, SCALE_FP32_CHANNEL, 8.0, "FP8 E4M3 with one FP32 scale per row"),
+        Format("bf16", BF16, None, SCALE_NONE, 16.0, "no quantization (the baseline)"),
+    )
+}
+
+
+def list_formats() -> list[Format]:
+    return list(_REGISTRY.values())
+
+
+def get_format(fmt: str | Format) -> Format:
+    if isinstance(fmt, Format):
+        return fmt
+    try:
+        return _REGISTRY[fmt]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(_REGISTRY)}") from None
+
+
+def fake_quantize(x: torch.Tensor, fmt: str | Format, backend: str | None = None) -> torch.Tensor:
+    """Quantize and dequantize `x` in `fmt`; same shape and dtype, blocks along the last dimension."""
+    from qgate.backends import get_backend
+
+    f = get_format(fmt)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UsageError(f"fake_quantize expects a float32, float16 or bfloat16 tensor, got {got}")
+    return get_backend(backend, device=x.device).fake_quantize(x, f)
+
+
+def encode(x: torch.Tensor, fmt: str | Format):
+    """Pack `x` into real codes and scales (see qgate.encoding.Encoded)."""
+    from qgate.encoding import encode as _encode
+
+    return _encode(x, get_format(fmt))
+
+
+def decode(encoded) -> torch.Tensor:
+    from qgate.encoding import decode as _decode
+
+    return _decode(encoded)
