@@ -1,0 +1,60 @@
+"""The backend registry: built-ins, third-party entry points, selection, clear errors."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from qgate import backends
+from qgate.errors import UsageError
+from qgate.formats import fake_quantize
+
+
+def test_reference_is_default_on_cpu():
+    assert backends.get_backend(None, device="cpu").name == "reference"
+    assert "reference" in backends.list_backends()
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(UsageError) as err:
+        backends.get_backend("nope")
+    assert "unknown backend 'nope'" in str(err.value) and "reference" in str(err.value)
+
+
+def test_third_party_backend_from_entry_point(tmp_path, monkeypatch):
+    # A real installed distribution on sys.path: a package plus dist-info with entry_points.txt.
+    pkg = tmp_path / "negbackend"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent("""
+        from qgate.backends.base import Backend
+        class NegatingBackend(Backend):
+            name = "negate"
+            def supports(self, device, dtype):
+                return True
+            def fake_quantize(self, x, fmt):
+                return -x
+    """))
+    info = tmp_path / "negbackend-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: negbackend\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[qgate.backends]\nnegate = negbackend:NegatingBackend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(backends, "_instances", {})
+    assert "negate" in backends.list_backends()
+    x = torch.randn(2, 32)
+    assert torch.equal(fake_quantize(x, "mxfp4", backend="negate"), -x)
+    sys.modules.pop("negbackend", None)
+
+
+def test_unavailable_triton_is_a_clear_error_not_a_traceback():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    try:
+        backend = backends.get_backend("triton")
+    except UsageError as err:
+        assert "triton" in str(err)
+    else:  # triton importable without a GPU: it must then refuse CPU tensors cleanly
+        assert not backend.supports("cpu", torch.float32)
