@@ -58,3 +58,13 @@ def test_unavailable_triton_is_a_clear_error_not_a_traceback():
         assert "triton" in str(err)
     else:  # triton importable without a GPU: it must then refuse CPU tensors cleanly
         assert not backend.supports("cpu", torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp8", "fp8_channel", "mxint8"])
+def test_reference_on_cuda_matches_reference_on_cpu(fmt):
+    # CUDA rewrites tensor / python_float as a reciprocal multiply; the reference must not depend on it
+    x = torch.randn(512, 1024) * torch.logspace(-6, 6, 512).unsqueeze(1)
+    on_cpu = fake_quantize(x, fmt, backend="reference")
+    on_gpu = fake_quantize(x.cuda(), fmt, backend="reference").cpu()
+    assert torch.equal(on_cpu, on_gpu)

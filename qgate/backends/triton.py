@@ -1,0 +1,398 @@
+"""The triton backend: one fused pass per tensor on a CUDA device, bit for bit equal to the reference.
+
+How each format runs (reads and writes of the tensor in device memory):
+
+* MX (all six element types): one kernel. Each program loads R blocks of 32 values, takes each
+  block's amax as the integer maximum of |x|'s bit patterns (exact, and NaN/Inf sort above every
+  finite value, so one reduction also flags non-finite blocks), reads floor(log2(amax)) from the
+  exponent field, scales by an exact power of two, rounds to the element grid and writes back.
+  One read, one write.
+* NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write).
+* fp8 (per tensor): the same amax pass, then an elementwise pass.
+* fp8_channel: one program per row; the row is read twice in a row, the second time from L2.
+
+Bit-exactness, and why it holds:
+
+* Rounding to an element grid is done as (|v| + C) - C with C = quantum * 2^23, a power of two
+  built from |v|'s exponent bits: the addition rounds half-to-even at exactly the quantum, the
+  subtraction is exact. This is the reference's round(v / quantum) * quantum, computed without
+  a division. |v| is clamped to the element maximum first (the same as rounding then clamping,
+  since rounding is monotonic and the maximum lies on the grid).
+* Scaling by 2^-shared instead of dividing by 2^shared gives the same correctly rounded value.
+* Divisions that the contract defines as float32 divisions (NVFP4's amax/6 and /s_tensor, x/s)
+  are IEEE divisions: `div_rn`, or for the per-element x / scale a reciprocal followed by one
+  exact residual correction (Markstein: with r = RN(1/b) and q0 = RN(x*r), q0 + RN(x - q0*b)*r
+  rounded once is RN(x/b)). Tiny scales are first multiplied by 2^80 together with x, which
+  leaves the quotient unchanged and keeps the residual out of the subnormal range.
+* NVFP4 ties: x / (s_block * s_tensor) is rounded to float32 first, then to E2M1; a value whose
+  float32 quotient lands exactly on a midpoint between two E2M1 values goes to the even one,
+  exactly as the reference does. Dividing by the product (not multiplying by a reciprocal, as
+  torchao does) is the contract; the two can differ on such ties only.
+* Kernels are compiled without contracting a*b+c into FMA, so every multiply and add rounds
+  where the reference rounds.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from qgate.backends.base import Backend
+from qgate.errors import UsageError
+from qgate.formats import (
+    E2M1,
+    E4M3,
+    SCALE_E4M3_FP32,
+    SCALE_E8M0,
+    SCALE_FP32_CHANNEL,
+    SCALE_FP32_TENSOR,
+    SCALE_NONE,
+    ElementType,
+    Format,
+)
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Launch options: no FMA contraction (the reference rounds every product). The interpreter takes none.
+_LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
+
+# Division modes for the per-element x / scale of NVFP4 and fp8.
+DIV_RN = 0          # IEEE division per element
+DIV_MARKSTEIN = 1   # reciprocal per block + one exact residual correction (same result, fewer ops)
+
+# Tile shapes chosen on an H100 (bench/NOTES-kernels.md): blocks per program and warps.
+MX_BLOCKS_PER_PROGRAM = 64
+NVFP4_BLOCKS_PER_PROGRAM = 128
+ELEMENTWISE_BLOCK = 2048
+AMAX_BLOCK, AMAX_TILES = 4096, 8
+FP8_ROW_WARPS = 8
+L2_REVERSE = False
+NUM_WARPS = 4
+
+
+@triton.jit
+def _pow2(e):
+    """2**e as float32 for integer e in [-127, 127] (2^-127 is subnormal: built separately)."""
+    normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    sub = tl.full(e.shape, 0x00400000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(e >= -126, normal, sub)
+
+
+@triton.jit
+def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
+    """Round float32 v to the element grid: half to even, subnormals kept, saturating at MAXV."""
+    bits = v.to(tl.int32, bitcast=True)
+    a = tl.minimum((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), MAXV)
+    if IS_INT:
+        # INT8 of MX: a fixed quantum of 2^-(MBITS-1); C = quantum * 2^23
+        c = tl.full(a.shape, (127 + 23 - (MBITS - 1)) << 23, tl.int32).to(tl.float32, bitcast=True)
+    else:
+        # the quantum of a's binade (fixed below the normal range), times 2^23
+        ebits = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
+        c = (ebits + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
+    r = (a + c) - c
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _to_output(y, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """Round float32 y to the output dtype (half to even). SOFT_BF16: done on the bits, for the
+    CPU interpreter, whose own float32 -> bfloat16 cast truncates."""
+    if SOFT_BF16 and out_ty == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = tl.where(is_nan, 0x7FC0, rounded)
+        return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(out_ty)
+
+
+@triton.jit
+def _exact_quotient(x, b, r, DIV_MODE: tl.constexpr):
+    """RN(x / b) for float32 x, b > 0 normal, r = RN(1 / b)."""
+    if DIV_MODE == 0:
+        return tl.math.div_rn(x, b)
+    else:
+        q0 = x * r
+        res = tl.fma(-q0, b, x)  # exact
+        q1 = tl.fma(res, r, q0)
+        # x = -0 gives q0 = -0, res = +0 and q1 = +0 + -0 = +0: restore the sign of the quotient
+        return (q1.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.constexpr,
+                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr):
+    """Offsets [R, BLOCK] of the R blocks program `pid` owns, and the mask of the real elements."""
+    if INT64:
+        blk = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
+    else:
+        blk = pid * R + tl.arange(0, R)
+    j = tl.arange(0, BLOCK)
+    if EVEN_K:  # the last dimension is a whole number of blocks: blocks are contiguous in memory
+        offs = blk[:, None] * BLOCK + j[None, :]
+        if EVEN_N:  # a constant mask, folded away by the compiler
+            mask = tl.full([R, BLOCK], 1, tl.int1)
+        else:
+            mask = (blk[:, None] < n_blocks) & (j[None, :] < BLOCK)
+    else:  # a tail block per row: index (row, column block) and mask the padding
+        row = blk // blocks_per_row
+        col = (blk % blocks_per_row) * BLOCK
+        offs = row[:, None] * K + col[:, None] + j[None, :]
+        mask = ((col[:, None] + j[None, :]) < K) & (blk[:, None] < n_blocks)
+    return offs, mask
+
+
+@triton.jit
+def _mx_kernel(x_ptr, y_ptr, n_blocks, K, blocks_per_row,
+               EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr,
+               IS_INT: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
+               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr):
+    pid = tl.program_id(0)
+    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # amax as the integer max of |x|'s bits: exact; Inf and NaN compare above every finite value
+    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    bad = amax_bits >= 0x7F800000
+    # floor(log2(amax)) from the exponent field; zero and subnormal amax clamp to -127 either way
+    shared = tl.minimum(tl.maximum((amax_bits >> 23) - 127 - EMAX, -127), 127)
+    v = x * _pow2(-shared)[:, None]  # exact: a power of two (rounds like the division when tiny)
+    q = _round_to_element(v, EMIN, MBITS, MAXV, IS_INT)
+    y = q * _pow2(shared)[:, None]   # exact: few significant bits times a power of two
+    y = tl.where(bad[:, None], float("nan"), y)
+    tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _amax_finite_kernel(x_ptr, amax_ptr, n, BLOCK: tl.constexpr, TILES: tl.constexpr, INT64: tl.constexpr):
+    """Max of |x| over the finite values, as float32 bits, folded into *amax_ptr (int32, zeroed).
+
+    Each program reduces TILES consecutive tiles (unrolled, so their loads are all in flight)
+    and makes one atomic: few atomics on the one address."""
+    pid = tl.program_id(0)
+    if INT64:
+        start = pid.to(tl.int64) * (BLOCK * TILES)
+    else:
+        start = pid * (BLOCK * TILES)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for t in tl.static_range(TILES):
+        offs = start + t * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
+    tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
+
+
+@triton.jit
+def _tensor_scale(amax_ptr, DIVISOR: tl.constexpr):
+    """float32 amax / DIVISOR (IEEE division); a zero scale becomes 1 (an all-zero tensor)."""
+    amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(amax, DIVISOR)
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
+                  BLOCK: tl.constexpr, R: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                  INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr):
+    pid = tl.program_id(0)
+    if REVERSE:  # start where the amax pass ended: that part of the tensor may still be in L2
+        pid = tl.num_programs(0) - 1 - pid
+    s_tensor = _tensor_scale(amax_ptr, 2688.0)  # 6 * 448
+    # tiny tensor scales: quotient computed on x * 2^80 and scale * 2^80 (same value, no subnormals)
+    lift = tl.where(s_tensor < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    bad = amax_bits >= 0x7F800000
+    amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
+    ratio = tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_tensor)
+    ratio = tl.minimum(tl.maximum(ratio, 0.015625), 448.0)
+    s_block = _round_to_element(ratio, -6, 3, 448.0, False)  # E4M3, RNE
+    total = s_block * s_tensor
+    total_l = total * lift
+    recip = tl.math.div_rn(1.0, total_l)
+    v = _exact_quotient(x * lift, total_l[:, None], recip[:, None], DIV_MODE)
+    q = _round_to_element(v, 0, 1, 6.0, False)  # E2M1
+    y = q * total[:, None]
+    y = tl.where(bad[:, None], float("nan"), y)
+    tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl.constexpr,
+                       DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr):
+    pid = tl.program_id(0)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
+    s = _tensor_scale(amax_ptr, 448.0)
+    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    s_l = s * lift
+    recip = tl.math.div_rn(1.0, s_l)
+    if INT64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = _round_to_element(_exact_quotient(x * lift, s_l, recip, DIV_MODE), -6, 3, 448.0, False)
+    y = q * s
+    finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+    y = tl.where(finite, y, float("nan"))
+    tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _fp8_row_kernel(x_ptr, y_ptr, K, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, INT64: tl.constexpr,
+                    DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """One program per row: amax over the row's finite values, then quantize with s = amax / 448."""
+    row = tl.program_id(0)
+    if INT64:
+        base = row.to(tl.int64) * K
+    else:
+        base = row * K
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for t in range(K_TILES):
+        k0 = t * BLOCK_K
+        m = (k0 + cols) < K
+        x = tl.load(x_ptr + base + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
+    amax = tl.max(acc, axis=0).to(tl.float32, bitcast=True)
+    s = tl.math.div_rn(amax, 448.0)
+    s = tl.where(s > 0, s, 1.0)
+    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    s_l = s * lift
+    recip = tl.math.div_rn(1.0, s_l)
+    for t in range(K_TILES):
+        k0 = t * BLOCK_K
+        m = (k0 + cols) < K
+        x = tl.load(x_ptr + base + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        q = _round_to_element(_exact_quotient(x * lift, s_l, recip, DIV_MODE), -6, 3, 448.0, False)
+        y = q * s
+        finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+        y = tl.where(finite, y, float("nan"))
+        tl.store(y_ptr + base + k0 + cols, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels for every format; CUDA tensors of float32, float16 or bfloat16."""
+
+    name = "triton"
+
+    def __init__(self, div_mode: int | None = None, mx_blocks_per_program: int = MX_BLOCKS_PER_PROGRAM,
+                 nvfp4_blocks_per_program: int = NVFP4_BLOCKS_PER_PROGRAM, num_warps: int = NUM_WARPS,
+                 force_int64: bool = False, l2_reverse: bool = L2_REVERSE, row_warps: int = FP8_ROW_WARPS):
+        # The interpreter (CPU) has no true fused multiply-add, so it checks the IEEE-division path.
+        self.div_mode = (DIV_RN if _INTERPRET else DIV_MARKSTEIN) if div_mode is None else div_mode
+        self.mx_r = mx_blocks_per_program
+        self.nvfp4_r = nvfp4_blocks_per_program
+        self.num_warps = num_warps
+        self.force_int64 = force_int64  # 64-bit offsets even for small tensors (tests of that path)
+        self.l2_reverse = l2_reverse  # second pass of NVFP4/fp8 walks the tensor backwards
+        self.row_warps = row_warps
+
+    def _int64(self, numel: int, tile: int) -> bool:
+        return self.force_int64 or numel + tile >= 2**31
+
+    def available(self) -> bool:
+        return _INTERPRET or torch.cuda.is_available()
+
+    def supports(self, device, dtype) -> bool:
+        dev = torch.device(device)
+        return (dev.type == "cuda" or (_INTERPRET and dev.type == "cpu")) and dtype in (
+            torch.float32, torch.float16, torch.bfloat16)
+
+    def fake_quantize(self, x: torch.Tensor, fmt: Format, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Same shape and dtype as x. `out` (contiguous, x's shape and dtype) receives the result if given."""
+        if not self.supports(x.device, x.dtype):
+            raise UsageError(f"the triton backend takes CUDA float32/float16/bfloat16 tensors, got {x.dtype} on {x.device}")
+        if fmt.scale == SCALE_NONE or x.numel() == 0:
+            return x.clone() if out is None else out.copy_(x)
+        src = x.contiguous()
+        K = src.shape[-1] if src.dim() else 1
+        if out is None:
+            out = torch.empty_like(src, memory_format=torch.contiguous_format)
+        elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
+            raise UsageError("out= must be a contiguous tensor of the input's shape, dtype and device")
+        with torch.cuda.device(src.device) if src.is_cuda else nullcontext():
+            if fmt.scale == SCALE_E8M0:
+                self._mx(src, out, K, fmt.element, fmt.block_size)
+            elif fmt.scale == SCALE_E4M3_FP32:
+                self._nvfp4(src, out, K, fmt.block_size)
+            elif fmt.scale == SCALE_FP32_TENSOR:
+                self._fp8_tensor(src, out)
+            elif fmt.scale == SCALE_FP32_CHANNEL:
+                self._fp8_rows(src, out, K)
+            else:
+                raise UsageError(f"the triton backend has no kernel for scale kind {fmt.scale!r} ({fmt.name})")
+        return out
+
+    # -- launches ---------------------------------------------------------------------------
+
+    def _block_geometry(self, numel: int, K: int, block: int, r: int) -> dict:
+        rows = numel // K
+        per_row = _cdiv(K, block)
+        n_blocks = rows * per_row
+        return dict(n_blocks=n_blocks, blocks_per_row=per_row, EVEN_K=K % block == 0,
+                    EVEN_N=n_blocks % r == 0, INT64=self._int64(numel + K, block * r))
+
+    def _mx(self, src, out, K, elem: ElementType, block: int) -> None:
+        g = self._block_geometry(src.numel(), K, block, self.mx_r)
+        grid = (_cdiv(g["n_blocks"], self.mx_r),)
+        _mx_kernel[grid](src, out, g["n_blocks"], K, g["blocks_per_row"],
+                         EMAX=elem.emax, EMIN=elem.emin, MBITS=elem.mbits, MAXV=elem.max_value,
+                         IS_INT=elem.is_int, BLOCK=block, R=self.mx_r, EVEN_K=g["EVEN_K"],
+                         EVEN_N=g["EVEN_N"], INT64=g["INT64"], SOFT_BF16=_INTERPRET, num_warps=self.num_warps,
+                         **_LAUNCH)
+
+    def tensor_amax_bits(self, src: torch.Tensor) -> torch.Tensor:
+        """amax over the finite values of |src|, as a one-element int32 tensor of float32 bits."""
+        amax = torch.zeros(1, dtype=torch.int32, device=src.device)
+        n = src.numel()
+        block, tiles = AMAX_BLOCK, AMAX_TILES
+        _amax_finite_kernel[(_cdiv(n, block * tiles),)](src, amax, n, BLOCK=block, TILES=tiles,
+                                                         INT64=self._int64(n, block * tiles), num_warps=8, **_LAUNCH)
+        return amax
+
+    def _nvfp4(self, src, out, K, block: int, amax_bits: torch.Tensor | None = None) -> None:
+        assert block == 16 and E2M1.max_value == 6.0 and E4M3.max_value == 448.0
+        if amax_bits is None:
+            amax_bits = self.tensor_amax_bits(src)
+        g = self._block_geometry(src.numel(), K, block, self.nvfp4_r)
+        grid = (_cdiv(g["n_blocks"], self.nvfp4_r),)
+        _nvfp4_kernel[grid](src, out, amax_bits, g["n_blocks"], K, g["blocks_per_row"],
+                            BLOCK=block, R=self.nvfp4_r, EVEN_K=g["EVEN_K"], EVEN_N=g["EVEN_N"],
+                            INT64=g["INT64"], DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse,
+                            num_warps=self.num_warps,
+                            **_LAUNCH)
+
+    def nvfp4_block_pass(self, src: torch.Tensor, amax_bits: torch.Tensor) -> torch.Tensor:
+        """NVFP4 with the tensor amax already known (e.g. calibrated): the fused block pass alone."""
+        src = src.contiguous()
+        out = torch.empty_like(src)
+        self._nvfp4(src, out, src.shape[-1] if src.dim() else 1, 16, amax_bits)
+        return out
+
+    def _fp8_tensor(self, src, out) -> None:
+        amax_bits = self.tensor_amax_bits(src)
+        n = src.numel()
+        _fp8_tensor_kernel[(_cdiv(n, ELEMENTWISE_BLOCK),)](
+            src, out, amax_bits, n, BLOCK=ELEMENTWISE_BLOCK, INT64=self._int64(n, ELEMENTWISE_BLOCK),
+            DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse, num_warps=self.num_warps, **_LAUNCH)
+
+    def _fp8_rows(self, src, out, K) -> None:
+        rows = src.numel() // K
+        block_k = min(4096, triton.next_power_of_2(K))
+        _fp8_row_kernel[(rows,)](src, out, K, BLOCK_K=block_k, K_TILES=_cdiv(K, block_k),
+                                 INT64=self._int64(src.numel(), block_k), SOFT_BF16=_INTERPRET,
+                                 DIV_MODE=self.div_mode, num_warps=self.row_warps, **_LAUNCH)
