@@ -49,6 +49,385 @@ def formats_cmd(as_json):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+@cli.command("report")
+@click.argument("run")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the HTML file (default: reports/<family>-<run>.html).")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+def report_cmd(run, output, db):
+    """Render the HTML sign-off report of RUN (a run number or 'latest') and print its path."""
+    from qgate.report.data import open_existing_store, resolve_run_id
+    from qgate.report.render import render_run
+
+    with open_existing_store(db) as store:
+        path = render_run(store, resolve_run_id(store, run), output)
+    click.echo(str(path))
+
+
+@cli.command("signoff")
+@click.argument("run")
+@click.option("--reviewer", required=True, help="Who signs (name or e-mail).")
+@click.option("--approve/--reject", "approve", default=None, help="The reviewer's decision (one is required).")
+@click.option("--comment", default=None, help="Why; required with --override.")
+@click.option("--override", is_flag=True, help="Approve a run the gate blocked (needs --comment; recorded as an override).")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the signed report (default: the run's report path).")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+def signoff_cmd(run, reviewer, approve, comment, override, output, db):
+    """Record a sign-off of RUN with the digest of what was approved, and re-render its report."""
+    from qgate.errors import UsageError
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import sign_off
+
+    if approve is None:
+        raise UsageError("qgate signoff: give --approve or --reject")
+    with open_existing_store(db) as store:
+        row, path = sign_off(store, run, reviewer=reviewer, approve=approve, comment=comment, override=override,
+                             path=output)
+    click.echo(f"run {row['run_id']}: {row['decision']} by {row['reviewer']}"
+               f"{' (override)' if row['override'] else ''} at {row['created_at']}")
+    click.echo(f"digest {row['digest']}")
+    click.echo(str(path))
+
+
+@cli.command("verify")
+@click.argument("report", type=click.Path(dir_okay=False))
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+def verify_cmd(report, db):
+    """Check a signed REPORT.html against the database: exit 0 intact, 1 changed since sign-off, 2 bad input."""
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import verify_report
+
+    with open_existing_store(db) as store:
+        result = verify_report(store, report)
+    for line in result.lines():
+        click.echo(line)
+    sys.exit(0 if result.intact else 1)
+
+
+RUN_EXIT_CODES = """\b
+Exit codes:
+  0  every requested candidate ships
+  1  blocked: a member x format has no passing candidate and no passing fallback
+  2  usage or input error (malformed policy, unknown family/format/member...); nothing is written
+  3  ships only through the policy's fallback chain (e.g. "ship fp8 instead");
+     a CI job may count 3 as a pass or a fail
+"""
+
+
+@cli.command("run", epilog=RUN_EXIT_CODES)
+@click.option("--family", required=True, help="Model family (policies/<family>.yaml).")
+@click.option("--format", "formats", multiple=True,
+              help="Candidate format (repeatable; default: the policy's candidate formats).")
+@click.option("--member", default=None, help="Gate only this member of the family.")
+@click.option("--suite", default=None, help="Suite name or YAML file (default: the policy's suite).")
+@click.option("--policy", "policy_path", default=None, type=click.Path(dir_okay=False),
+              help="Policy file (default: policies/<family>.yaml over policies/default.yaml).")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+@click.option("--backend", default=None, help="Quantization backend (default: the best for the device).")
+@click.option("--limit", type=int, default=None, help="At most N samples per task (caps the suite's limits).")
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
+              help="Write JUnit XML: one test case per member x format x task.")
+@click.option("--report/--no-report", default=True, help="Render the HTML report at the end (default: on).")
+@click.option("-o", "--output", "report_output", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the HTML report (default: reports/<family>-<run>.html).")
+def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, device, as_json, junit, report,
+            report_output):
+    """Quantize, evaluate baseline and candidates, apply the policy, record and report the decision.
+
+    Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
+    a run that was killed resumes where it stopped. Progress goes to stderr, the summary to stdout.
+    """
+    import os
+
+    from qgate.gate import run_gate
+    from qgate.summary import console_text, junit_xml, markdown
+
+    result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
+                      backend=backend, limit=limit, device=device, report=report, report_path=report_output)
+    data = result.to_dict()
+    click.echo(json.dumps(data, indent=2) if as_json else console_text(data))
+    if junit:
+        with open(junit, "w", encoding="utf-8") as fh:
+            fh.write(junit_xml(data))
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as fh:
+            fh.write(markdown(data))
+    sys.exit(result.exit_code)
+
+
+@cli.group("policy")
+def policy_group():
+    """Policy files: check one, show a family's thresholds, diff two versions, re-decide a stored run."""
+
+
+@policy_group.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def policy_check_cmd(files):
+    """Validate policy FILES: one line per problem (file:line: key: what), exit 2 if any."""
+    from qgate.policy import load_policy
+
+    for path in files:
+        policy = load_policy(path)
+        click.echo(f"{path}: ok ({policy.family}: {len(policy.members)} member(s), "
+                   f"{len(policy.formats)} format(s), fallback {[c.format for c in policy.fallback]}, "
+                   f"{len(policy.tasks)} task threshold(s), hash {policy.hash[:12]})")
+
+
+@policy_group.command("show")
+@click.argument("family")
+@click.option("--policy", "policy_path", default=None, type=click.Path(dir_okay=False),
+              help="A policy file instead of policies/<family>.yaml.")
+@click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
+def policy_show_cmd(family, policy_path, as_json):
+    """Print FAMILY's thresholds per task of its suite as a table (for policy-file reviews)."""
+    from qgate.policy import load_policy, policy_table
+
+    policy = load_policy(policy_path or family)
+    if as_json:
+        click.echo(json.dumps(dict(policy.to_dict(), hash=policy.hash, path=policy.path), indent=2))
+        return
+    try:
+        from qgate.evaluation import load_suite
+
+        suite = load_suite(policy.suite)
+    except (ImportError, QgateError):
+        suite = None
+    click.echo(policy_table(policy, suite))
+
+
+POLICY_DIFF_EXIT_CODES = """\b
+Exit codes:
+  0  no stored decision would flip under NEW
+  1  some stored decision (or gate outcome) would flip
+  2  bad input: a malformed policy, a missing file or git revision
+"""
+
+
+@policy_group.command("diff", epilog=POLICY_DIFF_EXIT_CODES)
+@click.argument("old")
+@click.argument("new")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the review as JSON.")
+def policy_diff_cmd(old, new, db, as_json):
+    """What changing policy OLD into NEW changes: settings in words, and stored decisions re-decided
+    under NEW from stored per-sample results (no model is loaded). OLD and NEW are files or REV:path
+    (read with git show, e.g. main:policies/smollm2.yaml). Markdown goes to $GITHUB_STEP_SUMMARY when set."""
+    from qgate.policy_review import diff, review_markdown, review_text, write_step_summary
+
+    review = diff(old, new, db)
+    click.echo(json.dumps(review.to_dict(), indent=2) if as_json else review_text(review))
+    write_step_summary(review_markdown(review))
+    sys.exit(review.exit_code)
+
+
+@policy_group.command("redecide")
+@click.argument("run")
+@click.option("--policy", "policy_spec", required=True, help="Policy file (or REV:path) to decide the run under.")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the new decision set as JSON.")
+def policy_redecide_cmd(run, policy_spec, db, as_json):
+    """Decide stored RUN (a number or 'latest') again under another policy, from its stored samples, and
+    record it as a new decision set; earlier sets stay and the report shows them as history."""
+    from qgate.policy_review import redecide
+
+    result = redecide(run, policy_spec, db)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text())
+
+
+@cli.command("quantize")
+@click.option("--family", default="smollm2", show_default=True, help="Model family.")
+@click.option("--member", default=None, help="Family member (default: the family's default).")
+@click.option("--model-path", default=None, type=click.Path(), help="Local model directory or .gguf file instead of the registered checkpoint.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--format", "fmt", required=True, help="Candidate format ($candidate in the recipe), e.g. nvfp4.")
+@click.option("--recipe", default="uniform", show_default=True, help="Built-in recipe (uniform, uniform-all, mixed-fp4) or a .yaml file.")
+@click.option("--backend", default=None, help="Quantization backend (default: the best for the device).")
+@click.option("--promote", default=None, metavar="FORMAT@BOUND", help="Promote blocks with relative error above BOUND to FORMAT, e.g. mxfp8_e4m3@0.3.")
+@click.option("--act-quant", default=None, is_flag=False, flag_value="weight", metavar="[FORMAT]",
+              help="Also quantize the inputs of quantized Linears (alone: each weight's own format).")
+@click.option("--kv-quant", default=None, metavar="FORMAT", help="Also quantize keys (after RoPE) and values in the KV cache.")
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--tokens", "max_tokens", type=click.IntRange(min=2), default=2048, show_default=True,
+              help="Tokens of the reference text for the perplexity check.")
+@click.option("--json", "as_json", is_flag=True, help="Print statistics and perplexities as JSON.")
+def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, promote, act_quant, kv_quant, device,
+                 max_tokens, as_json):
+    """Quantize a family member in memory; print the per-tensor log and perplexity before and after. Stores nothing."""
+    from qgate.quantize import quantize_and_check
+
+    act = True if act_quant == "weight" else (act_quant or False)
+    result, check = quantize_and_check(
+        family, member, fmt, recipe, model_path=model_path, revision=revision, backend=backend, promote=promote,
+        act_quant=act, kv_quant=kv_quant, device=device, max_tokens=max_tokens, progress=not as_json,
+    )
+    if as_json:
+        payload = {"summary": result.summary(), "config": result.config(), "check": check,
+                   "tensors": [t.to_dict() for t in result.tensors]}
+        click.echo(json.dumps(payload, indent=2))
+        return
+    for line in result.log_lines():
+        click.echo(line)
+    click.echo(
+        f"perplexity {check['perplexity_before']:.3f} -> {check['perplexity_after']:.3f} "
+        f"({100 * check['perplexity_change']:+.2f}%) on {check['tokens']} tokens of {check['text']} "
+        f"(sha256 {check['text_sha256'][:12]}{'' if check['text_pinned'] else ', NOT the pinned slice'})"
+    )
+
+
+@cli.command("footprint")
+@click.option("--model", "model", required=True, metavar="ID|DIR|config.json",
+              help="Hub id, model directory, config.json, .gguf file or family[/member].")
+@click.option("--format", "fmt", required=True, help="Format ($candidate in the recipe); bf16 for the baseline.")
+@click.option("--recipe", default="uniform", show_default=True, help="Built-in recipe (uniform, uniform-all, mixed-fp4) or a .yaml file.")
+@click.option("--bandwidth", default=None, metavar="BYTES_PER_S",
+              help="Memory bandwidth for the decode roofline, e.g. 3.35e12 or 4.8TB/s (default: H100 SXM, 3.35e12).")
+@click.option("--revision", default=None, help="Hub revision of the config.")
+@click.option("--json", "as_json", is_flag=True, help="Print an object with total_bytes, groups, tokens_per_s.")
+def footprint_cmd(model, fmt, recipe, bandwidth, revision, as_json):
+    """Parameters and bytes per tensor group from the config alone (meta device), and the decode roofline."""
+    from qgate.footprint import footprint, parse_bandwidth
+
+    result = footprint(model, fmt, recipe, bandwidth=parse_bandwidth(bandwidth), revision=revision)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for line in result.table_lines():
+        click.echo(line)
+
+def _bench_module(name: str):
+    """bench/<name>.py of the source checkout qgate runs from (benchmarks are not packaged)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    if not path.is_file():
+        raise QgateError(f"{path}: not found; benchmarks run from a source checkout of qgate")
+    spec = importlib.util.spec_from_file_location(f"qgate_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@cli.group("bench")
+def bench_group():
+    """Benchmarks (bench/ of a source checkout)."""
+
+
+@bench_group.command("kernels")
+@click.option("--size-mib", type=click.IntRange(min=1), default=512, show_default=True, help="Size of the bf16 test tensor.")
+@click.option("--formats", default="", help="Comma-separated formats (default: every quantized format).")
+@click.option("--peers/--no-peers", default=True, help="Also time torchao and microxcaling where installed.")
+@click.option("--mx-path", default=None, type=click.Path(file_okay=False), help="Folder holding microxcaling's `mx` package.")
+@click.option("--model", is_flag=True, help="Add the whole-model figure (random Qwen2.5-7B-shaped weights on the GPU).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
+def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
+    """Fake-quantization kernels vs a device copy and peers on one CUDA GPU: GB/s, % of copy, speedups."""
+    from qgate.formats import get_format
+
+    bench = _bench_module("kernels")
+    names = tuple(get_format(f.strip()).name for f in formats.split(",") if f.strip()) or None
+    res = bench.run(size_mib, names, peers, mx_path)
+    if model:
+        res.model = bench.model_figure()
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps(bench.to_json(res), indent=2))
+    click.echo(bench.format_table(res))
+
+
+@bench_group.command("eval")
+@click.option("--suite", default="smoke", show_default=True, help="Suite whose task definitions and limits are used.")
+@click.option("--tasks", default="mmlu,gsm_symbolic", show_default=True, help="Comma-separated suite tasks.")
+@click.option("--limit", "limits", multiple=True, help="TASK=N samples (repeatable; default: the suite's limit).")
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="Answer the requests saved in this JSON file instead of running the suite's tasks.")
+@click.option("--save-requests", "save_path", default=None, type=click.Path(dir_okay=False),
+              help="Only write the suite tasks' requests to this JSON file.")
+@click.option("--random-model", type=click.Choice(["qwen2.5-1.5b"]), default=None,
+              help="Random weights of this configuration (throughput only; needs --tokenizer qwen).")
+@click.option("--tokenizer", type=click.Choice(["model", "qwen"]), default="model", show_default=True)
+@click.option("--decode", type=click.Choice(["exact", "batched"]), default=None,
+              help="FastLM's decoding (default: exact on the CPU, batched on a GPU).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
+def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, random_model, tokenizer, decode, json_path):
+    """qgate's FastLM vs lm-eval's stock hf model (batch size 1) on the same requests: time, tokens/s, identity."""
+    argv = ["--suite", suite, "--tasks", tasks, "--tokenizer", tokenizer]
+    for item in limits:
+        if "=" not in item or not item.partition("=")[2].isdigit():
+            raise QgateError(f"--limit {item!r}: expected TASK=N, e.g. mmlu=40")
+        argv += ["--limit", item]
+    for flag, value in (("--device", device), ("--requests", requests_path), ("--save-requests", save_path),
+                        ("--random-model", random_model), ("--decode", decode), ("--json", json_path)):
+        if value is not None:
+            argv += [flag, str(value)]
+    code = _bench_module("eval").main(argv)
+    if code:
+        sys.exit(code)
+
+
+@cli.command("eval")
+@click.option("--family", default="smollm2", show_default=True, help="Model family.")
+@click.option("--member", default=None, help="Family member (default: the family's default member).")
+@click.option("--format", "fmt", default=None, help="Fake-quantize into this format first (default: bf16 = none).")
+@click.option("--suite", default="smoke", show_default=True, help="Suite name (smoke, standard, full) or YAML file.")
+@click.option("--limit", type=int, default=None, help="At most N samples per task (overrides the suite's limits).")
+@click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="lm-eval batch size.")
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write every task result (with all samples) to this JSON file.")
+def eval_cmd(family, member, fmt, suite, limit, tasks, batch_size, device, json_path):
+    """Evaluate a model (optionally fake-quantized) on a suite and print task, metric, value, stderr, n."""
+    import os
+    import time
+
+    if not sys.stderr.isatty():  # off a terminal, quiet the bars that honour TQDM_DISABLE; per-task lines follow
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+    from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
+    from qgate.evaluation.suite import load_suite
+
+    spec = load_suite(suite)
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.task_names()
+    selected = [spec.task(n) for n in names]
+    if limit is not None and limit <= 0:
+        raise QgateError(f"--limit: expected a positive integer, got {limit}")
+    if fmt is not None:
+        from qgate.formats import get_format
+
+        fmt = get_format(fmt).name
+    from qgate.models import load
+
+    loaded = load(family, member, device=device)
+    click.echo(f"model: {loaded.spec.describe()} ({loaded.checkpoint_hash[:19]}), {loaded.device}, {loaded.dtype}",
+               err=True)
+    if fmt and fmt != "bf16":
+        from qgate.quantize import quantize_model
+
+        quantize_model(loaded.model, fmt)
+        click.echo(f"fake-quantized into {fmt}", err=True)
+    lm = make_lm(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    results = []
+    for task in selected:
+        started = time.time()
+        results.append(evaluate_task(loaded.model, loaded.tokenizer, task, limit=limit, lm=lm))
+        r = results[-1]
+        click.echo(f"{task.name}: {r.primary_metric}={r.value if r.value is not None else float('nan'):.4f} "
+                   f"n={r.n} ({time.time() - started:.1f}s)", err=True)
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=1, allow_nan=False))
+    print_results_table(results)
+
+
 def main():  # console-script entry point
     cli(prog_name="qgate")
 

@@ -1,0 +1,867 @@
+"""qgate's lm-eval model: the answers of lm-eval's `hf` model (HFLM at batch size 1), computed faster.
+
+FastLM *is* an HFLM: tokenization of context and continuation (trailing-space handling, add_bos_token,
+empty contexts), left truncation, rolling windows, stop sequences, EOS, max_gen_toks, the think-token and
+chat-template handling all come from lm-eval's own code. Only the model arithmetic is scheduled differently:
+
+loglikelihood
+    Requests with the same model input are scored once. Inputs that share a long token prefix (a subject's
+    few-shot exemplars, a question asked with several answers) run the prefix once and the rest on its KV
+    cache. Everything else is batched by a token budget, longest first, right-padded (causal attention never
+    looks right, so padding changes no real position). The LM head and log-softmax run only on the scored
+    positions. Values differ from HFLM's by float rounding (about 1e-5 in float32); wherever rounding could
+    change a decision - which choice of a question scores best, whether a continuation is greedy - the
+    requests involved are recomputed exactly as HFLM computes them.
+
+loglikelihood_rolling
+    HFLM's windows, all batched together.
+
+generate_until
+    Greedy decoding of many rows at once, each row finishing on its own (stop sequence, EOS, max_gen_toks)
+    and a waiting request taking its place. With ``decode="exact"`` (the default on the CPU) every row
+    computes what HFLM at batch size 1 computes, to the bit: its prompt is prefilled alone; in decode steps
+    each matrix product runs as a batch of one-row products (MKL's one-row kernel, not the many-row one,
+    whose rounding differs) and attention runs per row on that row's own KV cache; the next token comes from
+    one batched LM head when a rounding-error bound proves the argmax equals the one-row product's argmax,
+    otherwise from that row's own one-row LM head. With ``decode="batched"`` (the default elsewhere) rows
+    share one preallocated KV cache and plain batched products: much faster on a GPU, equal up to rounding.
+
+Decode settings HFLM would pass through to ``generate`` and that this module does not implement (sampling,
+beams, n-gram blocking, ...) are sent to HFLM itself, so every request is answered either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from lm_eval import utils as lm_eval_utils
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+# Generation-config fields that add logits processors to greedy decoding, with their neutral values.
+# repetition_penalty is implemented here; any other active one sends the request to HFLM.
+_UNSUPPORTED_GREEDY_SETTINGS = {
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "num_beams": (None, 1),
+    "penalty_alpha": (None,),
+    "dola_layers": (None,),
+    "assistant_model": (None,),
+    "prompt_lookup_num_tokens": (None,),
+}
+# gen_kwargs keys a greedy request may carry; sampling-only knobs are inert when do_sample is False
+_GREEDY_KWARGS = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty"}
+
+_FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+# ------------------------------------------------------------------------------------------------
+# model access
+
+
+def _decoder_and_head(model):
+    """The transformer body (returns hidden states) and the LM head of a causal LM, or (None, None)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    base = get_decoder() if callable(get_decoder) else getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None or not hasattr(head, "weight"):
+        return None, None
+    return base, head
+
+
+def _logit_softcap(model) -> float | None:
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None and getattr(config, "text_config", None) is not None:
+        cap = getattr(config.text_config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers DynamicCache, across the 4.x and 5.x layouts."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(cache[i][0], cache[i][1]) for i in range(len(cache))]
+
+
+def _new_dynamic_cache(config):
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=config)
+    except TypeError:
+        return DynamicCache()
+
+
+def _full_attention_only(config) -> bool:
+    """Per-row decode attention reads each row's whole cache: sliding-window layers would need a window."""
+    config = getattr(config, "text_config", None) or config
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return False
+    return not getattr(config, "use_sliding_window", False)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact batched decode: one-row products and per-row attention
+
+
+@contextlib.contextmanager
+def _one_row_products():
+    """Inside: a linear map applied to a [B, 1, K] input runs as B one-row products (one bmm).
+
+    MKL computes a one-row product with a kernel whose rounding differs from its many-row kernel; a batched
+    matrix product of B single rows uses the one-row arithmetic for each, so every row gets exactly the
+    numbers HFLM's batch-size-1 decode step gets (checked against it in the tests).
+    """
+    original = F.linear
+
+    def linear(input, weight, bias=None):
+        if input.dim() == 3 and input.shape[1] == 1 and input.shape[0] > 1:
+            n = input.shape[0]
+            w = weight.t().unsqueeze(0).expand(n, -1, -1)
+            if bias is None:
+                return torch.bmm(input, w)
+            return torch.baddbmm(bias.view(1, 1, -1).expand(n, 1, -1), input, w)
+        return original(input, weight, bias)
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+class _RowKV:
+    """Keys (or values) of each row of a decode step, each its own [1, heads, length, dim] tensor."""
+
+    def __init__(self, views: list[torch.Tensor]):
+        self.views = views
+
+
+@contextlib.contextmanager
+def _per_row_attention():
+    """Inside: SDPA attention given _RowKV keys runs once per row, on that row's cache alone."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if not isinstance(key, _RowKV):
+            return original(module, query, key, value, attention_mask, **kwargs)
+        outs = [original(module, query[i : i + 1], k, v, None, **kwargs)[0]
+                for i, (k, v) in enumerate(zip(key.views, value.views))]
+        return torch.cat(outs, dim=0), None
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+class _RowCache:
+    """KV cache of the rows of an exact decode step: each row writes its new token into its own buffers."""
+
+    is_compileable = False
+
+    def __init__(self, rows: list["_Row"]):
+        self.rows = rows
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = [], []
+        for i, row in enumerate(self.rows):
+            kb, vb = row.kv[layer_idx]
+            n = row.cached
+            kb[:, :, n : n + 1].copy_(key_states[i : i + 1])
+            vb[:, :, n : n + 1].copy_(value_states[i : i + 1])
+            keys.append(kb[:, :, : n + 1])
+            values.append(vb[:, :, : n + 1])
+        return _RowKV(keys), _RowKV(values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(row.cached for row in self.rows)
+
+
+class _SlotCache:
+    """One preallocated KV buffer of `slots` rows for batched decode; rows write at their own positions."""
+
+    is_compileable = False
+
+    def __init__(self, n_layers, slots, heads, capacity, head_dim, dtype, device):
+        shape = (slots, heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slots = None  # LongTensor [A]: the slot of each active row
+        self.positions = None  # LongTensor [A]: where each row's new token goes
+        self.length = 0  # attention span of this step (max position + 1)
+        self.all_slots = False
+
+    def load(self, slot: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (k, v), kb, vb in zip(layers, self.k, self.v):
+            n = k.shape[2]
+            kb[slot, :, :n].copy_(k[0])
+            vb[slot, :, :n].copy_(v[0])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        kb[self.slots, :, self.positions] = key_states[:, :, 0]
+        vb[self.slots, :, self.positions] = value_states[:, :, 0]
+        if self.all_slots:
+            return kb[:, :, : self.length], vb[:, :, : self.length]
+        return kb[self.slots, :, : self.length], vb[self.slots, :, : self.length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+class _PrefixCache:
+    """Rows of prefix keys/values (row i: prefix `owners[i]` of a batched prefix pass) plus room for suffixes.
+
+    layers: per layer (keys, values) of the prefix pass, [groups, heads, longest prefix, dim]; the suffix of
+    every row is written from position `start` on.
+    """
+
+    is_compileable = False
+
+    def __init__(self, layers, owners: list[int], start: int, suffix: int):
+        index = torch.tensor(owners, device=layers[0][0].device)
+        self.start = start
+        self.k, self.v = [], []
+        for k, v in layers:
+            kb = k.new_zeros(len(owners), k.shape[1], start + suffix, k.shape[3])
+            vb = v.new_zeros(len(owners), v.shape[1], start + suffix, v.shape[3])
+            n = min(start, k.shape[2])
+            kb[:, :, :n] = k.index_select(0, index)[:, :, :n]
+            vb[:, :, :n] = v.index_select(0, index)[:, :, :n]
+            self.k.append(kb)
+            self.v.append(vb)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = key_states.shape[2]
+        self.k[layer_idx][:, :, self.start : self.start + n] = key_states
+        self.v[layer_idx][:, :, self.start : self.start + n] = value_states
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.k[layer_idx].shape[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+@dataclass
+class _Unit:
+    """One distinct model input of loglikelihood requests and the requests scored on it."""
+
+    tokens: list[int]
+    need: int = 0  # the last `need` positions' next-token distributions are scored
+    requests: list[tuple[int, list[int]]] = field(default_factory=list)  # (request index, continuation)
+
+
+@dataclass
+class _Row:
+    """One generation request in flight."""
+
+    index: int
+    prompt: list[int]
+    until: list[str]
+    windows: list[int]  # tokens to look back for each stop sequence (as lm-eval's stopping criterion)
+    max_new: int
+    penalty: float
+    generated: list[int] = field(default_factory=list)
+    kv: list | None = None  # exact decode: this row's own (keys, values) buffers per layer
+    cached: int = 0  # tokens in this row's cache
+    slot: int = -1  # batched decode: the row's slot in the shared cache
+    seen: torch.Tensor | None = None  # token ids for the repetition penalty
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _progress(total: int, desc: str, disable: bool):
+    from tqdm import tqdm
+
+    from qgate.progress import use_bar
+
+    return tqdm(total=total, desc=desc, disable=disable or not use_bar(), leave=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# the LM
+
+
+class FastLM(HFLM):
+    """An lm-eval LM around an already-loaded causal LM: HFLM's answers (batch size 1), scheduled for speed.
+
+    batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring.
+    max_batch: most rows in one forward pass / decode step.
+    decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
+    min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
+    decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
+        recomputed exactly; None picks one from the model's dtype; 0 never recomputes (throughput runs).
+    """
+
+    def __init__(self, model, tokenizer, *, batch_tokens: int | None = None, max_batch: int | None = None,
+                 decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
+                 max_length: int | None = None, add_bos_token: bool | None = None,
+                 prefix_token_id: int | None = None, truncation: bool = False, **hflm_kwargs):
+        super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1,
+                         max_length=max_length, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
+                         truncation=truncation, **hflm_kwargs)
+        on_cuda = self.device.type == "cuda"
+        self.batch_tokens = int(batch_tokens or (32768 if on_cuda else 4096))
+        self.max_batch = int(max_batch or (128 if on_cuda else 32))
+        decode = decode or ("batched" if on_cuda else "exact")
+        if decode not in ("exact", "batched"):
+            raise ValueError(f"decode must be 'exact' or 'batched', got {decode!r}")
+        self.min_shared_prefix = max(1, int(min_shared_prefix))
+        self._base, self._head = _decoder_and_head(self.model)
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        if decode == "exact" and not (attn == "sdpa" and _full_attention_only(self.model.config)):
+            decode = "batched"
+        self.decode = decode
+        dtype = next(self.model.parameters()).dtype
+        if decision_margin is None:
+            decision_margin = 1e-3 if dtype == torch.float32 else 0.25
+        self.decision_margin = float(decision_margin)
+        self._softcap = _logit_softcap(self.model)
+        self._instances = None  # the Instances of the loglikelihood call in progress (for choice groups)
+        # how often the slow, exact paths ran: loglikelihoods recomputed as HFLM does, decode steps whose
+        # next token had several contenders, requests HFLM generated itself
+        self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0,
+                      "shared_prefix_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+
+    # -- loglikelihood ------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        self._instances = requests
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._instances = None
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """requests: ((context, continuation), context tokens, continuation tokens), as HFLM receives them."""
+        if self._base is None:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        results, robust = self._score(requests, disable_tqdm)
+        redo: set[int] = set()
+        if self.decision_margin > 0:  # 0 (or less) trades exact decisions for speed: never recompute
+            redo = {i for i, ok in enumerate(robust) if not ok}
+            instances = self._instances if self._instances is not None and len(self._instances) == len(requests) else None
+            redo |= self._close_choices(requests, results, instances)
+        if redo:
+            order = sorted(redo)
+            self.stats["exact_loglikelihood"] += len(order)
+            exact = HFLM._loglikelihood_tokens(self, [requests[i] for i in order], disable_tqdm=True)
+            for i, r in zip(order, exact):
+                results[i] = r
+        for i, (key, _, _) in enumerate(requests):
+            if key is not None and i not in redo:
+                self.cache_hook.add_partial("loglikelihood", key, results[i])
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        if self._base is None:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        windows, counts = [], []
+        for (string,) in [req.args for req in requests]:
+            rolling = [lm_eval_utils.make_disjoint_window(w) for w in lm_eval_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            windows.extend((None, ctx, cont) for ctx, cont in rolling)
+            counts.append(len(rolling))
+        scored, _ = self._score(windows, disable_tqdm)
+        out, pos = [], 0
+        for req, n in zip(requests, counts):
+            total = sum(ll for ll, _ in scored[pos : pos + n])
+            pos += n
+            out.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return out
+
+    def _close_choices(self, requests, results, instances) -> set[int]:
+        """Requests of a question whose best choice rounding could change (raw or length-normalized)."""
+        groups: dict = {}
+        for i, (key, _, _) in enumerate(requests):
+            if key is None:
+                continue
+            inst = instances[i] if instances is not None else None
+            doc = getattr(inst, "doc_id", None)
+            gkey = (getattr(inst, "task_name", None), doc) if doc is not None else ("context", key[0])
+            groups.setdefault(gkey, []).append(i)
+        redo: set[int] = set()
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            conts = [requests[i][0][1] for i in members]
+            lls = [results[i][0] for i in members]
+            # rounding moves a value by at most ~margin per scored token: raw, and per character (acc_norm)
+            errors = [self.decision_margin * len(requests[i][2]) for i in members]
+            orderings = [(lls, errors)]
+            for length in (len, lambda c: len(c.lstrip())):
+                sizes = [max(1, length(c)) for c in conts]
+                orderings.append(([ll / s for ll, s in zip(lls, sizes)], [e / s for e, s in zip(errors, sizes)]))
+            for values, errs in orderings:
+                top = sorted(values, reverse=True)
+                if top[0] - top[1] <= 2 * max(errs):
+                    redo.update(members)
+                    break
+        return redo
+
+    def _score(self, requests, disable_tqdm: bool):
+        """(logprob, is_greedy) per request, and whether is_greedy is beyond rounding's reach."""
+        units: dict[tuple, _Unit] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= self.max_length
+            x = (ctx + cont)[-(self.max_length + 1) :][:-1]
+            unit = units.get(tuple(x))
+            if unit is None:
+                unit = units[tuple(x)] = _Unit(x)
+            unit.need = max(unit.need, len(cont))
+            unit.requests.append((i, cont))
+        results: list = [None] * len(requests)
+        robust: list = [True] * len(requests)
+        singles, groups = self._plan(list(units.values()))
+        bar = _progress(len(requests), "loglikelihood", disable_tqdm)
+        with torch.no_grad():
+            if groups:
+                self._run_groups(groups, results, robust, bar)
+            singles.sort(key=lambda u: -len(u.tokens))
+            batch: list[_Unit] = []
+            for unit in singles:
+                if batch and (len(batch) + 1) * len(batch[0].tokens) > self.batch_tokens or len(batch) >= self.max_batch:
+                    self._run_singles(batch, results, robust, bar)
+                    batch = []
+                batch.append(unit)
+            if batch:
+                self._run_singles(batch, results, robust, bar)
+        bar.close()
+        return results, robust
+
+    def _plan(self, units: list[_Unit]):
+        """Split units into those run alone and groups that share a prefix of >= min_shared_prefix tokens."""
+        units = sorted(units, key=lambda u: u.tokens)
+        singles, groups = [], []
+        current: list[_Unit] = []
+        shared = 0
+        for unit in units:
+            room = len(unit.tokens) - unit.need  # the prefix must end before the first scored position
+            if current:
+                candidate = min(shared, room, _lcp(current[-1].tokens, unit.tokens))
+                if candidate >= self.min_shared_prefix:
+                    current.append(unit)
+                    shared = candidate
+                    continue
+                self._close_group(current, shared, singles, groups)
+            current, shared = [unit], room
+        if current:
+            self._close_group(current, shared, singles, groups)
+        return singles, groups
+
+    def _close_group(self, members, shared, singles, groups) -> None:
+        if len(members) > 1 and shared >= self.min_shared_prefix:
+            groups.append((shared, members))
+        else:
+            singles.extend(members)
+
+    def _run_singles(self, units: list[_Unit], results, robust, bar) -> None:
+        width = max(len(u.tokens) for u in units)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(units), width), pad, dtype=torch.long)
+        for r, u in enumerate(units):
+            ids[r, : len(u.tokens)] = torch.tensor(u.tokens, dtype=torch.long)
+        hidden = self._base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+        rows, cols = [], []
+        for r, u in enumerate(units):
+            rows.extend([r] * u.need)
+            cols.extend(range(len(u.tokens) - u.need, len(u.tokens)))
+        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
+        self._finish_units(units, picked, results, robust, bar)
+
+    def _run_groups(self, groups: list[tuple[int, list[_Unit]]], results, robust, bar) -> None:
+        """Prefixes of many groups in one forward, then their members' remainders in budget-sized batches."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        groups = sorted(groups, key=lambda g: -g[0])
+        start = 0
+        while start < len(groups):
+            n = 1  # right-padded prefixes: causal attention keeps every row's prefix positions its own
+            while (start + n < len(groups) and n < self.max_batch
+                   and (n + 1) * groups[start][0] <= self.batch_tokens):
+                n += 1
+            chunk = groups[start : start + n]
+            start += n
+            ids = torch.full((n, chunk[0][0]), pad, dtype=torch.long)
+            for r, (plen, members) in enumerate(chunk):
+                ids[r, :plen] = torch.tensor(members[0].tokens[:plen], dtype=torch.long)
+                self.stats["shared_prefix_tokens"] += plen * (len(members) - 1)  # tokens not recomputed
+            cache = _new_dynamic_cache(self.model.config)
+            self._base(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True)
+            layers = _cache_layers(cache)
+            rows = [(r, u) for r, (_, members) in enumerate(chunk) for u in members]
+            self._run_remainders(chunk, layers, rows, results, robust, bar)
+
+    def _run_remainders(self, chunk, layers, rows, results, robust, bar) -> None:
+        """Each unit's tokens after its group's prefix, attending to that prefix through a shared KV buffer.
+
+        Buffer row layout: the group's prefix at [0, P_g), unused slots up to P (the longest prefix of the
+        batch), the unit's own tokens from P on; the mask lets each row see its prefix and its own past.
+        """
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rows = sorted(rows, key=lambda ru: -(len(ru[1].tokens) - chunk[ru[0]][0]))
+        kv_budget = 4 * self.batch_tokens
+        start = 0
+        while start < len(rows):
+            width = len(rows[start][1].tokens) - chunk[rows[start][0]][0]
+            n, longest = 1, chunk[rows[start][0]][0]
+            while start + n < len(rows) and n < self.max_batch and (n + 1) * width <= self.batch_tokens:
+                longest_next = max(longest, chunk[rows[start + n][0]][0])
+                if (n + 1) * (longest_next + width) > kv_budget:
+                    break
+                longest = longest_next
+                n += 1
+            batch = rows[start : start + n]
+            start += n
+            plens = torch.tensor([chunk[g][0] for g, _ in batch], device=self.device)
+            ids = torch.full((n, width), pad, dtype=torch.long)
+            for r, (g, u) in enumerate(batch):
+                tail = u.tokens[chunk[g][0]:]
+                ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            positions = plens.view(-1, 1) + torch.arange(width, device=self.device).view(1, -1)
+            col = torch.arange(longest + width, device=self.device).view(1, 1, -1)
+            q = torch.arange(width, device=self.device).view(1, -1, 1)
+            mask = (col < plens.view(-1, 1, 1)) | ((col >= longest) & (col - longest <= q))
+            cache = _PrefixCache(layers, [g for g, _ in batch], longest, width)
+            hidden = self._base(input_ids=ids.to(self.device), position_ids=positions,
+                                attention_mask=mask.unsqueeze(1), past_key_values=cache,
+                                use_cache=True).last_hidden_state
+            sel_rows, sel_cols = [], []
+            for r, (g, u) in enumerate(batch):
+                end = len(u.tokens) - chunk[g][0]
+                sel_rows.extend([r] * u.need)
+                sel_cols.extend(range(end - u.need, end))
+            picked = hidden[torch.tensor(sel_rows, device=hidden.device), torch.tensor(sel_cols, device=hidden.device)]
+            self._finish_units([u for _, u in batch], picked, results, robust, bar)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._head(hidden)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    def _finish_units(self, units: list[_Unit], hidden: torch.Tensor, results, robust, bar, chunk: int = 2048):
+        """hidden: the scored positions of `units`, in order. Fills results/robust of their requests."""
+        target_rows, target_tokens, owners = [], [], []
+        offset = 0
+        for u in units:
+            for i, cont in u.requests:
+                first = offset + u.need - len(cont)
+                target_rows.extend(range(first, first + len(cont)))
+                target_tokens.extend(cont)
+                owners.append((i, len(cont)))
+            offset += u.need
+        best_id, best, second, target_lp = [], [], [], []
+        rows_t = torch.tensor(target_rows, device=hidden.device)
+        toks_t = torch.tensor(target_tokens, device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk):
+            lp = F.log_softmax(self._head_logits(hidden[lo : lo + chunk]), dim=-1, dtype=self.softmax_dtype)
+            top = lp.topk(2, dim=-1).values
+            best_id.append(lp.argmax(dim=-1))
+            best.append(top[:, 0])
+            second.append(top[:, 1])
+            sel = (rows_t >= lo) & (rows_t < lo + chunk)
+            target_lp.append((sel.nonzero().squeeze(1), lp[rows_t[sel] - lo, toks_t[sel]]))
+        best_id, best, second = torch.cat(best_id), torch.cat(best), torch.cat(second)
+        tlp = torch.empty(len(target_rows), dtype=best.dtype, device=hidden.device)
+        for where, values in target_lp:
+            tlp[where] = values
+        greedy_row = best_id[rows_t] == toks_t
+        # distance of each scored token from flipping: to the runner-up if it is the argmax, else to the argmax
+        margin = torch.where(greedy_row, best[rows_t] - second[rows_t], best[rows_t] - tlp).float().cpu()
+        greedy_row, tlp_cpu = greedy_row.cpu(), tlp
+        pos = 0
+        for i, n in owners:
+            values = tlp_cpu[pos : pos + n]
+            is_greedy = bool(greedy_row[pos : pos + n].all())
+            m = margin[pos : pos + n]
+            if is_greedy:
+                robust[i] = bool(m.min() > self.decision_margin)
+            else:
+                robust[i] = bool(m[~greedy_row[pos : pos + n]].max() > self.decision_margin)
+            results[i] = (float(values.sum()), is_greedy)
+            pos += n
+        bar.update(len(owners))
+
+    # -- generation -------------------------------------------------------------------------------
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        if self._base is None:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        results: list = [None] * len(requests)
+        rows, fallback = [], []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            penalty = self._greedy_penalty(kwargs)
+            if penalty is None:
+                fallback.append(i)
+                continue
+            max_ctx_len = self.max_length - max_gen_toks
+            assert max_ctx_len > 0, (f"requested max tokens to generate ({max_gen_toks}) must be less than "
+                                     f"the model's maximum sequence length ({self.max_length})")
+            ids, _ = self.tok_batch_encode([context], left_truncate_len=max_ctx_len, truncation=self.truncation)
+            windows = [len(self.tokenizer.encode(s, add_special_tokens=False)) + 2 for s in until]
+            rows.append(_Row(i, ids[0].tolist(), until, windows, max_gen_toks, penalty))
+        if fallback:
+            self.stats["hflm_generate"] += len(fallback)
+            for i, text in zip(fallback, HFLM.generate_until(self, [requests[i] for i in fallback], disable_tqdm=True)):
+                results[i] = text
+        if rows:
+            bar = _progress(len(rows), "generate_until", disable_tqdm)
+            with torch.no_grad():
+                for row in self._decode(rows, bar):
+                    text = self._finish_text(row)
+                    results[row.index] = text
+                    self.cache_hook.add_partial("generate_until", requests[row.index].args, text)
+            bar.close()
+        return results
+
+    def _greedy_penalty(self, kwargs: dict) -> float | None:
+        """The repetition penalty of a greedy request, or None if HFLM must run it (sampling, beams, ...)."""
+        if kwargs.get("do_sample"):
+            return None
+        if set(kwargs) - _GREEDY_KWARGS:
+            return None
+        config = self.model.generation_config
+        for name, neutral in _UNSUPPORTED_GREEDY_SETTINGS.items():
+            value = getattr(config, name, None)
+            if value not in neutral and value != []:
+                return None
+        penalty = kwargs.get("repetition_penalty", getattr(config, "repetition_penalty", None))
+        return float(penalty) if penalty is not None else 1.0
+
+    def _finish_text(self, row: _Row) -> str:
+        """HFLM's post-processing of one row's generated tokens."""
+        tokens = row.generated
+        if isinstance(self.think_end_token, int):
+            marks = [j for j, t in enumerate(tokens) if t == self.think_end_token]
+            if marks:
+                tokens = tokens[marks[-1] + 1 :]
+        text = self.tok_decode(tokens)
+        if isinstance(self.think_end_token, int):
+            text = text.lstrip()
+        return postprocess_generated_text(
+            generation=text, stop=row.until,
+            think_end_token=self.think_end_token if isinstance(self.think_end_token, str) else None)
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+    def _stopped(self, row: _Row, token: int, eos_ids: set[int]) -> bool:
+        if len(row.generated) >= row.max_new or token in eos_ids:
+            return True
+        for stop, window in zip(row.until, row.windows):
+            if stop in self.tokenizer.decode(row.generated[-window:]):
+                return True
+        return False
+
+    def _decode(self, rows: list[_Row], bar):
+        """Yield each row once it has finished; up to max_batch rows advance together."""
+        eos_ids = self._eos_ids()
+        pending = deque(sorted(rows, key=lambda r: -len(r.prompt)))
+        active: list[_Row] = []
+        exact = self.decode == "exact"
+        head_norms = None
+        slots = None
+        if not exact:
+            capacity = max(len(r.prompt) + r.max_new for r in rows)
+            free = list(range(min(self.max_batch, len(rows))))
+            slots = None  # built on the first prefill, when the cache's shapes are known
+        while pending or active:
+            while pending and len(active) < self.max_batch:
+                row = pending.popleft()
+                started = time.perf_counter()
+                layers, token = self._prefill(row)
+                self.stats["prefill_s"] += time.perf_counter() - started
+                row.generated.append(token)
+                if self._stopped(row, token, eos_ids):
+                    bar.update(1)
+                    yield row
+                    continue
+                row.cached = len(row.prompt)
+                if exact:
+                    row.kv = []
+                    for k, v in layers:
+                        kb = k.new_empty(1, k.shape[1], len(row.prompt) + row.max_new, k.shape[3])
+                        vb = v.new_empty(1, v.shape[1], len(row.prompt) + row.max_new, v.shape[3])
+                        kb[:, :, : k.shape[2]] = k
+                        vb[:, :, : v.shape[2]] = v
+                        row.kv.append((kb, vb))
+                else:
+                    if slots is None:
+                        k0 = layers[0][0]
+                        slots = _SlotCache(len(layers), len(free), k0.shape[1], capacity, k0.shape[3],
+                                           k0.dtype, k0.device)
+                    row.slot = free.pop(free.index(min(free)))
+                    slots.load(row.slot, layers)
+                active.append(row)
+            if not active:
+                continue
+            started = time.perf_counter()
+            if exact:
+                if head_norms is None:
+                    head_norms = self._head.weight.float().norm(dim=1)
+                tokens = self._exact_step(active, head_norms)
+            else:
+                active.sort(key=lambda r: r.slot)  # slot order: a full batch reads the cache without a gather
+                tokens = self._batched_step(active, slots)
+            self.stats["decode_s"] += time.perf_counter() - started
+            self.stats["decode_steps"] += 1
+            self.stats["decode_rows"] += len(active)
+            still = []
+            for row, token in zip(active, tokens):
+                row.cached += 1
+                row.generated.append(token)
+                if self._stopped(row, token, eos_ids):
+                    bar.update(1)
+                    row.kv = None
+                    if not exact:
+                        free.append(row.slot)
+                    yield row
+                else:
+                    still.append(row)
+            active = still
+
+    def _prefill(self, row: _Row):
+        """Run one prompt alone, exactly as generate() at batch size 1 does; return its KV and first token."""
+        ids = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
+        cache = _new_dynamic_cache(self.model.config)
+        hidden = self._base(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        logits = self._head_logits(hidden[:, -1:, :])[:, -1].float()
+        if row.penalty != 1.0:
+            row.seen = ids[0]
+            logits = self._penalize(logits, [row])
+        return _cache_layers(cache), int(logits.argmax(dim=-1))
+
+    @staticmethod
+    def _penalize(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """transformers' RepetitionPenaltyLogitsProcessor, row by row (each row's own prompt + output)."""
+        scores = scores.clone()
+        for r, row in enumerate(rows):
+            if row.penalty == 1.0:
+                continue
+            seen = row.seen
+            picked = scores[r].gather(0, seen)
+            picked = torch.where(picked < 0, picked * row.penalty, picked / row.penalty)
+            scores[r] = scores[r].scatter(0, seen, picked)
+        return scores
+
+    def _step_inputs(self, active: list[_Row]):
+        for row in active:
+            if row.penalty != 1.0:
+                row.seen = torch.cat([row.seen, torch.tensor(row.generated[-1:], device=row.seen.device)])
+        ids = torch.tensor([[row.generated[-1]] for row in active], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[row.cached] for row in active], dtype=torch.long, device=self.device)
+        return ids, positions
+
+    def _exact_step(self, active: list[_Row], head_norms: torch.Tensor) -> list[int]:
+        ids, positions = self._step_inputs(active)
+        dummy_mask = torch.ones(len(active), 1, 1, 1, dtype=torch.bool, device=self.device)
+        with _one_row_products(), _per_row_attention():
+            hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=dummy_mask,
+                                past_key_values=_RowCache(active), use_cache=True).last_hidden_state
+        scores = self._head_logits(hidden)[:, -1].float()
+        if any(row.penalty != 1.0 for row in active):
+            scores = self._penalize(scores, active)
+        best = scores.argmax(dim=-1, keepdim=True)
+        # A logit of the batched head differs from the one-row head's by at most 2 gamma_K |w_n| |x| (any
+        # summation order; Cauchy-Schwarz), stretched by the repetition penalty. Tokens whose batched score
+        # plus that bound reaches the best score minus its bound are the only ones the one-row head could
+        # rank first: recompute just those, with one-row arithmetic, and take their argmax.
+        k = hidden.shape[-1]
+        gamma = k * _FP32_UNIT_ROUNDOFF / (1 - k * _FP32_UNIT_ROUNDOFF)
+        x_norm = hidden[:, -1].float().norm(dim=-1)
+        stretch = torch.tensor([max(r.penalty, 1 / r.penalty) for r in active], device=x_norm.device)
+        bound = (2.02 * gamma * x_norm * stretch).unsqueeze(1) * head_norms.unsqueeze(0)
+        if self._head.weight.dtype != torch.float32:  # the head's output is rounded to a narrower type
+            bound = bound + 2 * torch.finfo(self._head.weight.dtype).eps * scores.abs()
+        floor = scores.gather(1, best) - bound.gather(1, best)
+        contenders = (scores + bound) >= floor
+        tokens = []
+        for r, row in enumerate(active):
+            ids = contenders[r].nonzero().flatten()
+            self.stats["exact_head_rows"] += int(len(ids) > 1)
+            tokens.append(self._one_row_argmax(hidden[r : r + 1], ids, row))
+        return tokens
+
+    def _one_row_argmax(self, hidden: torch.Tensor, ids: torch.Tensor, row: _Row) -> int:
+        """argmax over `ids` of the one-row LM head (+ softcap, penalty), as generate() at batch size 1.
+
+        The one-row product's value for a vocabulary row does not depend on which other rows are computed
+        with it as long as their number is a multiple of 16 (MKL's vector block; checked in the tests), so
+        the contenders are padded to a multiple of 64 with copies of the first.
+        """
+        n = len(ids)
+        padded = torch.cat([ids, ids[:1].expand((-n) % 64)])
+        bias = self._head.bias[padded] if getattr(self._head, "bias", None) is not None else None
+        logits = F.linear(hidden, self._head.weight[padded], bias)[0, -1, :n]
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        logits = logits.float()
+        if row.penalty != 1.0:
+            hit = torch.isin(ids, row.seen)
+            penalized = torch.where(logits < 0, logits * row.penalty, logits / row.penalty)
+            logits = torch.where(hit, penalized, logits)
+        return int(ids[int(logits.argmax())])
+
+    def _batched_step(self, active: list[_Row], slots: _SlotCache) -> list[int]:
+        ids, positions = self._step_inputs(active)
+        slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
+        slots.positions = positions[:, 0]
+        slots.length = max(row.cached for row in active) + 1
+        slots.all_slots = len(active) == slots.k[0].shape[0]
+        span = torch.arange(slots.length, device=self.device).view(1, -1)
+        mask = (span <= positions).view(len(active), 1, 1, slots.length)
+        hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=mask,
+                            past_key_values=slots, use_cache=True).last_hidden_state
+        scores = self._head_logits(hidden)[:, -1].float()
+        if any(row.penalty != 1.0 for row in active):
+            scores = self._penalize(scores, active)
+        return scores.argmax(dim=-1).tolist()

@@ -1,0 +1,280 @@
+"""Suites: which tasks to run, on which data, with which shots, limits and generation caps.
+
+A suite is a YAML file (suites/<name>.yaml). Each task entry names the lm-eval task that runs it, its
+data source (``hub`` for the dataset an lm-eval registry task names, or an offline source that
+qgate.evaluation.data materializes from installed packages), the primary metric and its direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qgate.errors import QgateError
+
+SUITE_KEYS = {"suite", "description", "defaults", "tasks"}
+TASK_KEYS = {
+    "name", "lm_eval_task", "data", "num_fewshot", "limit", "generation", "chat_template",
+    "fewshot_as_multiturn", "system_instruction", "seed", "metric", "higher_is_better", "per_sample",
+}
+REQUIRED_TASK_KEYS = ("name", "lm_eval_task", "data", "num_fewshot", "metric", "higher_is_better", "per_sample")
+GENERATION_KEYS = {"max_gen_toks", "until"}
+PER_SAMPLE_KINDS = ("binary", "continuous")
+DEFAULT_SEED = 1234
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _canonical_hash(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite, fully resolved (defaults applied)."""
+
+    name: str
+    lm_eval_task: str
+    data: dict  # {"source": "hub" | <offline source>, ...source parameters}
+    num_fewshot: int
+    metric: str
+    higher_is_better: bool
+    per_sample: str  # "binary" (pass/fail per sample) or "continuous"
+    limit: int | None = None
+    generation: dict | None = None  # {"max_gen_toks": int, "until": [str, ...]}
+    chat_template: bool = False
+    fewshot_as_multiturn: bool = True
+    system_instruction: str | None = None
+    seed: int = DEFAULT_SEED
+
+    @property
+    def source(self) -> str:
+        return self.data["source"]
+
+    @property
+    def offline(self) -> bool:
+        return self.source != "hub"
+
+    @property
+    def data_params(self) -> dict:
+        return {k: v for k, v in self.data.items() if k != "source"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        return cls(**d)
+
+    @property
+    def hash(self) -> str:
+        return _canonical_hash(self.to_dict())
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    tasks: list[TaskSpec]
+    description: str = ""
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical content (name + resolved tasks); the file's formatting does not matter."""
+        return _canonical_hash({"suite": self.name, "tasks": [t.to_dict() for t in self.tasks]})
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise QgateError(f"suite {self.name!r}: no task {name!r} (tasks: {', '.join(self.task_names())})")
+
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def suite_dirs() -> list[Path]:
+    """Where suite names are looked up: ./suites, then the suites/ folder next to the qgate package."""
+    here = Path(__file__).resolve().parents[2] / "suites"
+    dirs = [Path.cwd() / "suites", here]
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def available_suites() -> list[str]:
+    names = set()
+    for d in suite_dirs():
+        if d.is_dir():
+            names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def find_suite(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise QgateError(f"suite file {p} does not exist")
+        return p
+    if not NAME_RE.match(str(name_or_path)):
+        raise QgateError(f"suite {str(name_or_path)!r}: not a file and not a suite name")
+    for d in suite_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise QgateError(
+        f"suite {str(name_or_path)!r} not found (known: {', '.join(available_suites()) or 'none'}; "
+        f"or give a path to a .yaml file)"
+    )
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Load and validate a suite by name (smoke, standard, full) or by path."""
+    path = find_suite(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise QgateError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_suite(raw, source=str(path))
+
+
+def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
+    def bad(key_path: str, problem: str) -> QgateError:
+        return QgateError(f"{source}: {key_path}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise bad("(top level)", "expected a mapping with keys 'suite' and 'tasks'")
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise bad(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(SUITE_KEYS))})")
+    name = raw.get("suite")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise bad("suite", f"expected a lower-case name like 'smoke', got {name!r}")
+    description = raw.get("description", "") or ""
+    if not isinstance(description, str):
+        raise bad("description", "expected a string")
+    defaults = raw.get("defaults", {}) or {}
+    if not isinstance(defaults, dict):
+        raise bad("defaults", "expected a mapping of task keys")
+    for key in defaults:
+        if key not in TASK_KEYS or key == "name":
+            raise bad(f"defaults.{key}", f"unknown or not defaultable key (allowed: {', '.join(sorted(TASK_KEYS - {'name'}))})")
+    tasks_raw = raw.get("tasks")
+    if not isinstance(tasks_raw, list) or not tasks_raw:
+        raise bad("tasks", "expected a non-empty list of task entries")
+
+    tasks: list[TaskSpec] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(tasks_raw):
+        where = f"tasks[{i}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "expected a mapping")
+        merged = {**defaults, **entry}
+        spec = _parse_task(merged, where, bad)
+        if spec.name in seen:
+            raise bad(f"{where} ({spec.name}).name", f"duplicate task name {spec.name!r}")
+        seen.add(spec.name)
+        tasks.append(spec)
+    return Suite(name=name, tasks=tasks, description=description, path=source)
+
+
+def _parse_task(d: dict, where: str, bad) -> TaskSpec:
+    from qgate.evaluation import data as data_sources
+
+    unknown = set(d) - TASK_KEYS
+    if unknown:
+        raise bad(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(TASK_KEYS))})")
+    for key in REQUIRED_TASK_KEYS:
+        if key not in d:
+            raise bad(f"{where}.{key}", "missing (required)")
+
+    name = d["name"]
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise bad(f"{where}.name", f"expected a lower-case identifier like 'mmlu', got {name!r}")
+    where = f"{where} ({name})"
+    lm_task = d["lm_eval_task"]
+    if not isinstance(lm_task, str) or not lm_task.strip():
+        raise bad(f"{where}.lm_eval_task", f"expected an lm-eval task or group name, got {lm_task!r}")
+
+    data = d["data"]
+    if isinstance(data, str):
+        data = {"source": data}
+    if not isinstance(data, dict) or "source" not in data:
+        raise bad(f"{where}.data", "expected a mapping with a 'source' key ('hub' or an offline source)")
+    source = data["source"]
+    if source != "hub":
+        known = data_sources.source_names()
+        if source not in known:
+            raise bad(f"{where}.data.source", f"unknown source {source!r} (expected 'hub' or one of: {', '.join(known)})")
+        try:
+            params = data_sources.check_params(source, {k: v for k, v in data.items() if k != "source"})
+        except QgateError as exc:
+            raise bad(f"{where}.data", str(exc)) from None
+        data = {"source": source, **params}
+    else:
+        for k, v in data.items():
+            if k not in ("source", "dataset"):
+                raise bad(f"{where}.data.{k}", "unknown key for source 'hub' (allowed: dataset)")
+            if k == "dataset" and not isinstance(v, str):
+                raise bad(f"{where}.data.dataset", "expected the hub dataset id as a string")
+        data = dict(data)
+
+    shots = d["num_fewshot"]
+    if not _is_int(shots) or shots < 0:
+        raise bad(f"{where}.num_fewshot", f"expected an integer >= 0, got {shots!r}")
+    limit = d.get("limit")
+    if limit is not None and (not _is_int(limit) or limit <= 0):
+        raise bad(f"{where}.limit", f"expected a positive integer or null (all samples), got {limit!r}")
+
+    generation = d.get("generation")
+    if generation is not None:
+        if not isinstance(generation, dict):
+            raise bad(f"{where}.generation", "expected a mapping with max_gen_toks and/or until")
+        for k in generation:
+            if k not in GENERATION_KEYS:
+                raise bad(f"{where}.generation.{k}", f"unknown key (allowed: {', '.join(sorted(GENERATION_KEYS))}; decoding is always greedy)")
+        mgt = generation.get("max_gen_toks")
+        if mgt is not None and (not _is_int(mgt) or mgt <= 0):
+            raise bad(f"{where}.generation.max_gen_toks", f"expected a positive integer, got {mgt!r}")
+        until = generation.get("until")
+        if until is not None and (not isinstance(until, list) or not all(isinstance(s, str) and s for s in until)):
+            raise bad(f"{where}.generation.until", "expected a list of non-empty strings")
+        generation = dict(generation)
+
+    for key in ("chat_template", "fewshot_as_multiturn", "higher_is_better"):
+        if key in d and not isinstance(d[key], bool):
+            raise bad(f"{where}.{key}", f"expected true or false, got {d[key]!r}")
+    seed = d.get("seed", DEFAULT_SEED)
+    if not _is_int(seed) or seed < 0:
+        raise bad(f"{where}.seed", f"expected a non-negative integer, got {seed!r}")
+    metric = d["metric"]
+    if not isinstance(metric, str) or not metric:
+        raise bad(f"{where}.metric", f"expected the primary metric's name, got {metric!r}")
+    per_sample = d["per_sample"]
+    if per_sample not in PER_SAMPLE_KINDS:
+        raise bad(f"{where}.per_sample", f"expected one of {', '.join(PER_SAMPLE_KINDS)}, got {per_sample!r}")
+    system = d.get("system_instruction")
+    if system is not None and not isinstance(system, str):
+        raise bad(f"{where}.system_instruction", "expected a string")
+
+    return TaskSpec(
+        name=name, lm_eval_task=lm_task.strip(), data=data, num_fewshot=shots, metric=metric,
+        higher_is_better=d["higher_is_better"], per_sample=per_sample, limit=limit, generation=generation,
+        chat_template=d.get("chat_template", False), fewshot_as_multiturn=d.get("fewshot_as_multiturn", True),
+        system_instruction=system, seed=seed,
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

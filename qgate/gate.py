@@ -1,0 +1,540 @@
+"""The gate runner: policy -> plan -> baseline -> candidate -> decide -> fallback -> record.
+
+It orchestrates only: numbers come from qgate.stats/qgate.policy, SQL from qgate.store, models from
+qgate.models, quantization from qgate.quantize, evaluation from qgate.evaluation, output from
+qgate.summary. Everything a run needs is validated before the database is opened, so a bad policy,
+family or format leaves no trace. Every evaluation is keyed by content hashes and looked up before
+anything is loaded: a member whose evaluations are all stored is never loaded at all, and a run
+that was killed resumes from what its predecessor stored.
+
+Exit codes (``GateResult.exit_code``; also ``qgate run --help``):
+  0  every requested candidate ships
+  1  blocked: some member x format has no passing candidate nor fallback
+  2  usage or input error (bad policy, unknown family/format/member...), raised as QgateError
+  3  ships only through the fallback chain (e.g. "ship fp8 instead"); CI may treat it as pass or fail
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from qgate.errors import QgateError
+
+EXIT_SHIPS = 0
+EXIT_BLOCKED = 1
+EXIT_USAGE = 2
+EXIT_FALLBACK = 3
+OUTCOME_EXIT = {"ships": EXIT_SHIPS, "blocked": EXIT_BLOCKED, "fallback": EXIT_FALLBACK}
+BASELINE = "bf16"  # the format name the unquantized baseline is recorded under
+
+
+@dataclass
+class TaskVerdict:
+    member: str
+    format: str
+    role: str  # candidate | fallback
+    task: str
+    decision: Any  # qgate.policy.Decision
+    effect: str  # pass | warn | fail (what it does to the gate)
+    blocking: bool
+
+    def to_dict(self) -> dict:
+        d = self.decision.to_dict()
+        d.update(member=self.member, format=self.format, role=self.role, task=self.task, effect=self.effect,
+                 blocking=self.blocking)
+        return d
+
+
+@dataclass
+class MemberOutcome:
+    member: str
+    format: str  # the requested candidate format
+    outcome: str  # ships | fallback | blocked
+    shipped_format: str | None
+    reasons: list[str]
+
+    def to_dict(self) -> dict:
+        return {"member": self.member, "format": self.format, "outcome": self.outcome,
+                "shipped_format": self.shipped_format, "reasons": list(self.reasons)}
+
+
+@dataclass
+class GateResult:
+    run_id: int
+    family: str
+    formats: list[str]
+    suite: str
+    policy_path: str
+    policy_hash: str
+    db_url: str
+    outcome: str  # ships | fallback | blocked (the worst over members x formats)
+    exit_code: int
+    members: list[MemberOutcome]
+    tasks: list[TaskVerdict]
+    evaluations_run: int
+    evaluations_cached: int
+    models_loaded: int
+    seconds: float
+    report_path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (NaN/inf become null)."""
+        from qgate.store import _json_safe
+
+        return _json_safe({"run_id": self.run_id, "family": self.family, "formats": self.formats, "suite": self.suite,
+                "policy": self.policy_path, "policy_hash": self.policy_hash, "db": _redact(self.db_url),
+                "outcome": self.outcome, "exit_code": self.exit_code,
+                "members": [m.to_dict() for m in self.members], "tasks": [t.to_dict() for t in self.tasks],
+                "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
+                "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
+                "report": self.report_path, "notes": list(self.notes)})
+
+
+def _redact(url: str) -> str:
+    from qgate.store import _redact as redact
+
+    return redact(url)
+
+
+# ---- what a run is about, resolved before the database is touched ------------------------------------
+
+@dataclass
+class _MemberPlan:
+    name: str
+    spec: Any  # qgate.models.MemberSpec
+    checkpoint_id: str | None = None
+    file_hash: str | None = None
+
+
+@dataclass
+class _Setup:
+    policy: Any
+    formats: list[str]
+    members: list[_MemberPlan]
+    suite: Any
+    limit: int | None
+    backend_name: str
+    device: Any
+    dtype: Any
+
+
+def _resolve(family: str, formats: Sequence[str] | None, member: str | None, suite: str | None,
+             policy: str | os.PathLike | None, backend: str | None, limit: int | None,
+             device: str | None, dtype: str | None) -> _Setup:
+    from qgate.formats import get_format
+    from qgate.policy import load_policy
+
+    if limit is not None and limit <= 0:
+        raise QgateError(f"--limit {limit}: expected a positive number of samples per task")
+    pol = load_policy(policy if policy is not None else family)
+    if pol.family != family:
+        raise QgateError(f"policy {pol.path} is for family {pol.family!r}, not {family!r}")
+
+    wanted = list(dict.fromkeys(formats or [c.format for c in pol.formats]))
+    if not wanted:
+        raise QgateError(f"no --format given and policy {pol.path} lists no candidate formats")
+    checked = []
+    for name in wanted:
+        fmt = get_format(name)
+        if fmt.is_identity:
+            raise QgateError(f"--format {name}: that is the unquantized baseline; give a quantized format")
+        checked.append(fmt.name)
+
+    from qgate.models import default_device, resolve_dtype, resolve_member
+
+    names = [m.name for m in pol.members]
+    chosen = [m for m in pol.members if member is None or m.name == member]
+    if member is not None and not chosen:
+        from qgate.policy import MemberPolicy
+
+        chosen = [MemberPolicy(member)]  # any member of the family, even one the policy does not list
+    members = [_MemberPlan(m.name, resolve_member(family, m.name, m.model, m.revision)) for m in chosen]
+    if not members:
+        raise QgateError(f"policy {pol.path} lists no members (members: {names})")
+
+    from qgate.evaluation import load_suite
+
+    suite_obj = load_suite(suite or pol.suite)
+    import torch
+
+    try:
+        dev = torch.device(device) if device else default_device()
+    except RuntimeError:
+        raise QgateError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    dt = resolve_dtype(dtype, dev)
+    from qgate.backends import get_backend
+
+    backend_obj = get_backend(backend, device=dev)
+    return _Setup(pol, checked, members, suite_obj, limit, backend_obj.name, dev, dt)
+
+
+# ---- keys ---------------------------------------------------------------------------------------------
+
+def checkpoint_identity(spec) -> tuple[str, str | None]:
+    """(checkpoint id, file hash) of a resolved member without loading it."""
+    from qgate import models
+
+    own = getattr(models, "checkpoint_hash", None)
+    if callable(own):
+        ident = own(spec)
+        return ident, ident.split(":", 1)[1] if ident.startswith("sha256:") else None
+    if spec.source == "gguf":
+        sha = models.file_sha256(spec.location)
+        return f"sha256:{sha}", sha
+    if spec.source == "dir":
+        sha = models.directory_hash(spec.location)
+        return f"sha256:{sha}", sha
+    folder = models._hub_snapshot(spec)  # snapshot folders are named by the commit sha
+    return f"git:{folder.name}", None
+
+
+def planned_quant_config(fmt: str, recipe: Any, backend_name: str) -> dict:
+    """QuantizationResult.config() as quantizing would report it, computed without a model."""
+    from qgate.quantize import QuantizationResult, load_recipe
+
+    return QuantizationResult(format=fmt, recipe=load_recipe(recipe), backend=backend_name, promote=None,
+                              act_quant=None, kv_quant=None, tensors=[], kept=[], untied=[],
+                              quantized_bytes=0.0, bf16_bytes=0.0, params=0).config()
+
+
+def effective_limit(task_spec, limit: int | None) -> int | None:
+    """--limit caps the suite's own per-task limit (it never raises it)."""
+    if limit is None:
+        return task_spec.limit
+    return limit if task_spec.limit is None else min(limit, task_spec.limit)
+
+
+def task_config(task_spec, limit: int | None) -> dict:
+    return {"task": task_spec.to_dict(), "limit": effective_limit(task_spec, limit)}
+
+
+# ---- the run ------------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    from qgate import __version__
+
+    out = {"qgate": __version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "lm_eval", "sqlalchemy", "numpy"):
+        try:
+            out[dist] = metadata.version(dist.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _git_revision() -> str | None:
+    """HEAD of the repository the run starts in (where the policies live in CI), else of qgate's own checkout."""
+    for where in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=where)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Runner:
+    """One gate run's state: the store, the loaded model (at most one at a time), counters."""
+
+    def __init__(self, setup: _Setup, store, run_id: int, bar, log: Callable[[str], None]):
+        self.s = setup
+        self.store = store
+        self.run_id = run_id
+        self.bar = bar
+        self.log = log
+        self.evaluations_run = 0
+        self.evaluations_cached = 0
+        self.models_loaded = 0
+        self.loaded = None  # (member name, format, LoadedModel)
+        from qgate import __version__
+
+        self.version = __version__
+        self.runtime = {"device": setup.device.type, "dtype": str(setup.dtype).removeprefix("torch.")}
+        self.task_ids = {}
+        for t in setup.suite.tasks:
+            from qgate.store import content_hash
+
+            cfg = task_config(t, setup.limit)
+            self.task_ids[t.name] = content_hash(cfg)
+            store.put_task_config(self.task_ids[t.name], task=t.name, config=cfg)
+        self.quant_ids: dict[str, str] = {}
+        self.quant_configs: dict[str, dict] = {}
+
+    # -- keys --
+
+    def quant_id(self, fmt: str) -> str | None:
+        if fmt == BASELINE:
+            return None
+        if fmt not in self.quant_ids:
+            from qgate.store import content_hash
+
+            choice = self.s.policy.format_choice(fmt)
+            cfg = planned_quant_config(fmt, choice.recipe, self.s.backend_name)
+            self.quant_configs[fmt] = cfg
+            self.quant_ids[fmt] = content_hash(cfg)
+        return self.quant_ids[fmt]
+
+    def key(self, m: _MemberPlan, fmt: str, task_name: str) -> str:
+        from qgate.store import evaluation_key
+
+        return evaluation_key(m.checkpoint_id, self.quant_id(fmt), self.task_ids[task_name], self.version,
+                              self.runtime)
+
+    # -- models --
+
+    def model_for(self, m: _MemberPlan, fmt: str):
+        """The member's model, quantized to ``fmt`` (bf16: untouched); loads/reloads only when needed."""
+        if self.loaded and self.loaded[0] == m.name and self.loaded[1] == fmt:
+            return self.loaded[2]
+        from qgate.models import load_member
+
+        self.loaded = None  # drop the previous model before loading the next (memory)
+        started = time.perf_counter()
+        lm = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=True)
+        self.models_loaded += 1
+        if lm.checkpoint_hash != m.checkpoint_id:
+            raise QgateError(f"{m.name}: the checkpoint changed while the gate ran "
+                             f"({m.checkpoint_id} planned, {lm.checkpoint_hash} loaded); run again")
+        self.bar.note(f"loaded {m.name} ({lm.device}, {str(lm.dtype).removeprefix('torch.')}) "
+                      f"in {time.perf_counter() - started:.1f} s")
+        if fmt != BASELINE:
+            self._quantize(m, fmt, lm)
+        self.loaded = (m.name, fmt, lm)
+        return lm
+
+    def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
+        from qgate.quantize import quantize_model
+        from qgate.store import content_hash
+
+        choice = self.s.policy.format_choice(fmt)
+        planned_id = self.quant_id(fmt)
+        result = quantize_model(lm.model, fmt, recipe=choice.recipe, backend=self.s.backend_name,
+                                progress=self.bar.bar)
+        actual = result.config()
+        if content_hash(actual) != planned_id:
+            raise RuntimeError(f"quantization config of {fmt} differs from the planned one: "
+                               f"{actual} vs {self.quant_configs[fmt]}")
+        summary = result.summary()
+        self.store.put_quant_config(planned_id, format=fmt, recipe=choice.recipe, config=actual,
+                                    stats=[t.to_dict() for t in result.tensors], summary=summary,
+                                    log=result.log_lines())
+        sqnr = summary.get("sqnr_db")
+        self.bar.note(f"quantized {m.name} to {fmt} ({choice.recipe if isinstance(choice.recipe, str) else 'inline'}"
+                      f" recipe): {summary.get('tensors')} tensors, SQNR "
+                      f"{f'{sqnr:.1f} dB' if sqnr is not None else 'inf'}, "
+                      f"promoted {100 * summary.get('promoted_share', 0):.2f}% of blocks")
+
+    # -- evaluations --
+
+    def ensure(self, m: _MemberPlan, fmt: str, role: str) -> dict[str, str]:
+        """Make sure every task of the suite is evaluated for (member, fmt); returns task -> key."""
+        keys = {t.name: self.key(m, fmt, t.name) for t in self.s.suite.tasks}
+        cached = self.store.cached_keys(keys.values())
+        for t in self.s.suite.tasks:
+            key = keys[t.name]
+            what = f"{m.name} {fmt} {t.name}"
+            if key in cached:
+                self.store.link_evaluation(self.run_id, key, member=m.name, format=fmt, role=role, task=t.name,
+                                           cached=True)
+                self.evaluations_cached += 1
+                self.bar.step(f"{what}: cached")
+                continue
+            lm = self.model_for(m, fmt)
+            self.bar.show(f"{what}: evaluating")
+            self._evaluate(m, fmt, role, t, key, lm)
+            self.bar.step(f"{what}: done")
+        return keys
+
+    def _evaluate(self, m: _MemberPlan, fmt: str, role: str, task_spec, key: str, lm) -> None:
+        from qgate.evaluation import evaluate_task
+        from qgate.store import utcnow
+
+        started_at, started = utcnow(), time.perf_counter()
+        result = evaluate_task(lm.model, lm.tokenizer, task_spec, limit=effective_limit(task_spec, self.s.limit))
+        hib = result.higher_is_better
+        if not isinstance(hib, dict):
+            hib = {result.primary_metric: bool(hib)}
+        saved = self.store.save_evaluation(
+            key, checkpoint_id=m.checkpoint_id, quant_config_id=self.quant_id(fmt),
+            task_config_id=self.task_ids[task_spec.name], qgate_version=self.version, task=task_spec.name,
+            format=fmt, metrics=result.metrics, primary_metric=result.primary_metric, higher_is_better=hib,
+            n=result.n, samples_rows=result.samples, data_source=getattr(result, "data_source", None),
+            extras=getattr(result, "extras", None), runtime=dict(self.runtime, backend=self.s.backend_name),
+            duration_s=time.perf_counter() - started, started_at=started_at,
+            run_link=dict(run_id=self.run_id, member=m.name, format=fmt, role=role, task=task_spec.name))
+        if saved.inserted:
+            self.evaluations_run += 1
+        else:  # another process stored the same evaluation meanwhile; its copy stands
+            self.evaluations_cached += 1
+
+    # -- decisions --
+
+    def decide(self, m: _MemberPlan, fmt: str, role: str, base_keys: dict, cand_keys: dict) -> list[TaskVerdict]:
+        from qgate.policy import decide_task, gate_effect
+
+        out = []
+        for t in self.s.suite.tasks:
+            tp = self.s.policy.task_policy(t.name)
+            metric = tp.metric or t.metric
+            if metric == t.metric:
+                hib, binary = t.higher_is_better, t.per_sample == "binary"
+            else:
+                stored = (self.store.evaluation(base_keys[t.name]) or {}).get("higher_is_better") or {}
+                hib, binary = bool(stored.get(metric, True)), None
+            decision = decide_task(self.store.samples(base_keys[t.name]), self.store.samples(cand_keys[t.name]),
+                                   tp, hib, binary, metric=metric)
+            out.append(TaskVerdict(m.name, fmt, role, t.name, decision, gate_effect(decision, tp), tp.blocking))
+        return out
+
+
+def run_gate(family: str, formats: Sequence[str] | None = None, member: str | None = None,
+             suite: str | None = None, policy: str | os.PathLike | None = None, db: str | None = None,
+             backend: str | None = None, limit: int | None = None, progress: bool | None = None, *,
+             device: str | None = None, dtype: str | None = None, report: bool = True,
+             report_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> GateResult:
+    """Run the gate for ``family`` x ``formats``; returns what was decided (and records it in the store).
+
+    progress: None = a bar on a terminal, plain lines otherwise; False = silent.
+    Raises QgateError (exit 2) for bad input, before the database is opened.
+    """
+    from qgate.progress import Progress
+
+    started = time.perf_counter()
+    setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype)
+    log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
+    n_tasks = len(setup.suite.tasks)
+    bar = Progress(total=len(setup.members) * n_tasks * (1 + len(setup.formats)), label="qgate",
+                   enabled=progress is not False)
+    for m in setup.members:
+        m.checkpoint_id, m.file_hash = checkpoint_identity(m.spec)
+
+    from qgate.store import open_store
+
+    store = open_store(db)
+    host = socket.gethostname()
+    try:
+        stale = store.mark_interrupted(host, _pid_alive)
+        if stale:
+            bar.note(f"run(s) {', '.join(map(str, stale))} on this host were interrupted; "
+                     f"their stored evaluations are reused")
+        pol = setup.policy
+        run_id = store.start_run(
+            family=family, formats=setup.formats, members=[m.name for m in setup.members], suite=setup.suite.name,
+            suite_hash=setup.suite.hash, policy_hash=pol.hash, policy_text=pol.text, policy_path=pol.path,
+            versions=_versions(), host=host, pid=os.getpid(), git_revision=_git_revision(),
+            backend=setup.backend_name, device=str(setup.device), sample_limit=setup.limit)
+        for m in setup.members:
+            store.put_checkpoint(m.checkpoint_id, family=family, member=m.name, source=m.spec.location,
+                                 revision=m.spec.revision, file_hash=m.file_hash, info={"source": m.spec.source})
+        try:
+            result = _run(setup, store, run_id, bar, log, started)
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            store.finish_run(run_id, status=status, exit_code=EXIT_USAGE if isinstance(exc, QgateError) else None)
+            raise
+        finally:
+            bar.close()
+        result.report_path = _render_report(store, run_id, report, report_path, result.notes, log)
+        if result.report_path:
+            store.update_run(run_id, report_path=result.report_path)
+        result.seconds = time.perf_counter() - started
+        return result
+    finally:
+        store.close()
+
+
+def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateResult:
+    pol = setup.policy
+    runner = _Runner(setup, store, run_id, bar, log)
+    verdicts: list[TaskVerdict] = []
+    outcomes: list[MemberOutcome] = []
+    for m in setup.members:
+        base_keys = runner.ensure(m, BASELINE, "baseline")
+        for fmt in setup.formats:
+            chain = [(fmt, "candidate")] + [(c.format, "fallback") for c in pol.fallback if c.format != fmt]
+            shipped, reasons = None, []
+            for f, role in chain:
+                if role == "fallback":
+                    bar.total += len(setup.suite.tasks)
+                    bar.note(f"{m.name}: {fmt} is blocked; trying fallback {f}")
+                cand_keys = runner.ensure(m, f, role)
+                decided = runner.decide(m, f, role, base_keys, cand_keys)
+                verdicts += decided
+                failing = [v for v in decided if v.effect == "fail"]
+                for v in decided:
+                    bar.note(f"{m.name} {f}: {v.decision.reason}"
+                             + ("" if v.blocking else " [advisory]")
+                             + (" [counts as fail]" if v.decision.verdict == "inconclusive" and v.effect == "fail"
+                                else ""))
+                if not failing:
+                    shipped = f
+                    break
+                reasons += [f"{f}: {v.decision.reason}" for v in failing]
+            if shipped == fmt:
+                outcome = "ships"
+            elif shipped is not None:
+                outcome = "fallback"
+                reasons.append(f"ship {shipped} instead of {fmt}")
+            else:
+                outcome = "blocked"
+            outcomes.append(MemberOutcome(m.name, fmt, outcome, shipped, reasons))
+    runner.loaded = None
+
+    store.record_decisions(
+        run_id, policy_hash=pol.hash,
+        decisions_rows=[dict(member=v.member, format=v.format, role=v.role, task=v.task, verdict=v.decision.verdict,
+                             reason=v.decision.reason, numbers=dict(v.decision.to_dict(), effect=v.effect,
+                                                                    blocking=v.blocking))
+                        for v in verdicts],
+        outcomes_rows=[o.to_dict() for o in outcomes])
+    worst = max((o.outcome for o in outcomes), key=lambda o: ("ships", "fallback", "blocked").index(o))
+    exit_code = OUTCOME_EXIT[worst]
+    store.finish_run(run_id, status="completed", outcome=worst, exit_code=exit_code)
+    return GateResult(run_id=run_id, family=pol.family, formats=setup.formats, suite=setup.suite.name,
+                      policy_path=pol.path, policy_hash=pol.hash, db_url=store.url, outcome=worst,
+                      exit_code=exit_code, members=outcomes, tasks=verdicts,
+                      evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
+                      models_loaded=runner.models_loaded, seconds=time.perf_counter() - started)
+
+
+def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:
+    if not enabled:
+        return None
+    try:
+        from qgate.report.render import render_run
+    except ImportError as exc:
+        line = f"report: not rendered (qgate.report.render is not available: {exc})"
+        notes.append(line)
+        log(line)
+        return None
+    try:
+        return str(render_run(store, run_id, path))
+    except QgateError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the decision is recorded; a broken report must not hide it
+        line = f"report: rendering failed ({type(exc).__name__}: {exc}); the run and its decisions are stored"
+        notes.append(line)
+        log(line)
+        return None

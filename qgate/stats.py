@@ -1,0 +1,227 @@
+"""Paired statistics for baseline-vs-candidate comparisons on the same samples.
+
+Pure functions on numbers; no I/O, no models. Conventions:
+
+* ``delta`` is always candidate minus baseline, in the metric's own units (a
+  proportion for pass/fail metrics: multiply by 100 for points).
+* Pass/fail metrics: exact McNemar test (two-sided, on the discordant pairs) and
+  Newcombe's hybrid score interval for the paired difference of proportions
+  (Newcombe 1998, Statistics in Medicine 17:2635, method 10: Wilson intervals
+  of the two marginal proportions combined with a continuity-corrected phi).
+* Continuous metrics (perplexity, loglikelihood, scores in [0, 1]): paired
+  bootstrap over documents with a fixed seed. A corpus-level metric such as
+  perplexity is recomputed from the resampled documents' (loglikelihood,
+  weight) pairs, so the resampling unit is the document, not the token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Callable, Sequence
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 20240917
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison: point estimate, two-sided CI, p-value for "no difference"."""
+
+    baseline: float
+    candidate: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n: int
+    # standard deviation of one pair's contribution to delta (delta's sd is sd_pair / sqrt(n));
+    # what the "how many samples would decide" estimate extrapolates from
+    sd_pair: float
+    discordant: tuple[int, int] | None = None  # (baseline-only passes, candidate-only passes)
+
+
+def z_value(confidence: float) -> float:
+    """Two-sided normal quantile for a confidence level (0.95 -> 1.95996...)."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def mcnemar_exact_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of b successes in b+c trials at p=1/2.
+
+    b and c are the discordant counts. Exact in integer arithmetic (big ints), then one division.
+    """
+    if b < 0 or c < 0:
+        raise ValueError("discordant counts must be non-negative")
+    m = b + c
+    if m == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(m, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**m)
+
+
+def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval for a single proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_table(baseline: Sequence[float], candidate: Sequence[float]) -> tuple[int, int, int, int]:
+    """2x2 table of paired pass/fail outcomes: (both pass, baseline only, candidate only, both fail)."""
+    if len(baseline) != len(candidate):
+        raise ValueError("paired samples must have the same length")
+    both = base_only = cand_only = neither = 0
+    for x, y in zip(baseline, candidate):
+        bx, by = bool(round(x)), bool(round(y))
+        if bx and by:
+            both += 1
+        elif bx:
+            base_only += 1
+        elif by:
+            cand_only += 1
+        else:
+            neither += 1
+    return both, base_only, cand_only, neither
+
+
+def newcombe_paired_interval(both: int, base_only: int, cand_only: int, neither: int,
+                             confidence: float = 0.95) -> tuple[float, float]:
+    """CI of p_candidate - p_baseline for paired proportions (Newcombe's method 10)."""
+    n = both + base_only + cand_only + neither
+    if n == 0:
+        return -1.0, 1.0
+    z = z_value(confidence)
+    base_pass, cand_pass = both + base_only, both + cand_only
+    p1, p2 = base_pass / n, cand_pass / n
+    l1, u1 = wilson_interval(base_pass, n, z)
+    l2, u2 = wilson_interval(cand_pass, n, z)
+    margins = base_pass * (n - base_pass) * cand_pass * (n - cand_pass)
+    phi = 0.0
+    if margins > 0:
+        cross = both * neither - base_only * cand_only
+        if cross > n / 2:
+            phi = (cross - n / 2) / math.sqrt(margins)
+        elif cross < 0:
+            phi = cross / math.sqrt(margins)
+    delta = p2 - p1
+    # lower limit: candidate low, baseline high; upper: the other way round
+    low = delta - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    high = delta + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    return max(-1.0, low), min(1.0, high)
+
+
+def compare_binary(baseline: Sequence[float], candidate: Sequence[float],
+                   confidence: float = 0.95) -> Comparison:
+    """Paired pass/fail comparison: McNemar exact p and Newcombe CI of the accuracy difference."""
+    both, base_only, cand_only, neither = paired_table(baseline, candidate)
+    n = both + base_only + cand_only + neither
+    if n == 0:
+        raise ValueError("no paired samples to compare")
+    low, high = newcombe_paired_interval(both, base_only, cand_only, neither, confidence)
+    p_base, p_cand = (both + base_only) / n, (both + cand_only) / n
+    delta = p_cand - p_base
+    # per-pair difference takes values -1, 0, +1
+    mean_sq = (base_only + cand_only) / n
+    sd_pair = math.sqrt(max(0.0, mean_sq - delta * delta))
+    return Comparison(baseline=p_base, candidate=p_cand, delta=delta, ci_low=low, ci_high=high,
+                      p_value=mcnemar_exact_p(base_only, cand_only), n=n, sd_pair=sd_pair,
+                      discordant=(base_only, cand_only))
+
+
+# ---- continuous metrics -------------------------------------------------------------------
+
+def mean_aggregate(values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Mean over the last axis (the documents of each resample)."""
+    return values.mean(axis=-1)
+
+
+def perplexity_aggregate(loglik: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Corpus perplexity exp(-sum loglik / sum weight) (words, bytes or tokens as the weight)."""
+    return np.exp(-loglik.sum(axis=-1) / weights.sum(axis=-1))
+
+
+def bits_per_byte_aggregate(loglik: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Bits per byte: -sum loglik / (sum bytes * ln 2)."""
+    return -loglik.sum(axis=-1) / (weights.sum(axis=-1) * math.log(2))
+
+
+def mean_exp_aggregate(loglik: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample loglikelihood perplexity as lm-eval's "perplexity": exp(-mean loglik)."""
+    return np.exp(-loglik.mean(axis=-1))
+
+
+Aggregate = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def compare_bootstrap(baseline: Sequence[float], candidate: Sequence[float],
+                      confidence: float = 0.95, *,
+                      baseline_weights: Sequence[float] | None = None,
+                      candidate_weights: Sequence[float] | None = None,
+                      aggregate: Aggregate = mean_aggregate,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Comparison:
+    """Paired percentile bootstrap of aggregate(candidate) - aggregate(baseline) over documents.
+
+    The same resampled document indices are used for both sides (that is what makes it paired).
+    The p-value is the two-sided bootstrap tail probability of a zero difference.
+    """
+    base = np.asarray(baseline, dtype=np.float64)
+    cand = np.asarray(candidate, dtype=np.float64)
+    if base.shape != cand.shape or base.ndim != 1:
+        raise ValueError("paired samples must be 1-D sequences of the same length")
+    n = base.shape[0]
+    if n == 0:
+        raise ValueError("no paired samples to compare")
+    bw = np.asarray(baseline_weights, dtype=np.float64) if baseline_weights is not None else np.ones(n)
+    cw = np.asarray(candidate_weights, dtype=np.float64) if candidate_weights is not None else bw
+
+    base_value = float(aggregate(base, bw))
+    cand_value = float(aggregate(cand, cw))
+    delta = cand_value - base_value
+
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    # chunks keep the index matrix small for large samples
+    chunk = max(1, min(resamples, 4_000_000 // max(n, 1)))
+    for start in range(0, resamples, chunk):
+        stop = min(resamples, start + chunk)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        diffs[start:stop] = aggregate(cand[idx], cw[idx]) - aggregate(base[idx], bw[idx])
+
+    alpha = 1.0 - confidence
+    low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    if np.all(diffs == 0):
+        p_value = 1.0
+    else:
+        below = (np.sum(diffs <= 0) + 1) / (resamples + 1)
+        above = (np.sum(diffs >= 0) + 1) / (resamples + 1)
+        p_value = float(min(1.0, 2 * min(below, above)))
+    sd_pair = float(np.std(diffs, ddof=1) * math.sqrt(n)) if resamples > 1 else 0.0
+    return Comparison(baseline=base_value, candidate=cand_value, delta=delta, ci_low=float(low),
+                      ci_high=float(high), p_value=p_value, n=n, sd_pair=sd_pair)
+
+
+def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int,
+                      confidence: float = 0.95) -> int | None:
+    """Roughly how many paired samples would put the whole CI on one side of ``threshold``.
+
+    Normal approximation: the CI half-width shrinks as z * sd_pair / sqrt(n), and the observed
+    delta is assumed to stay where it is. When no pair differed (sd 0), one discordant pair in n is
+    assumed, so the estimate stays finite and conservative. None when delta sits on the threshold.
+    """
+    gap = abs(delta - threshold)
+    if gap == 0:
+        return None
+    sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
+    z = z_value(confidence)
+    return max(1, math.ceil((z * sd / gap) ** 2))

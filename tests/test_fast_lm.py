@@ -1,0 +1,205 @@
+"""qgate's FastLM answers what lm-eval's HFLM (batch size 1) answers: same generations, same loglikelihoods.
+
+The reference is always lm-eval's own HFLM on the same model object; nothing here is a stored number.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from qgate.evaluation.fast_lm import FastLM, _one_row_products  # noqa: E402
+
+LL_TOL = 1e-4
+
+
+def byte_tokenizer():
+    """One token per byte plus an end-of-text token: a real, offline tokenizer for tiny models."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    backend = Tokenizer(BPE(vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+def gen(i, context, until=("\n\n",), max_gen_toks=24, **extra):
+    kwargs = {"until": list(until), "max_gen_toks": max_gen_toks, "do_sample": False, "temperature": 0.0, **extra}
+    return Instance("generate_until", {}, (context, kwargs), i, ("t", i, 1))
+
+
+def ll(i, context, continuation, doc_id):
+    return Instance("loglikelihood", {}, (context, continuation), i, ("t", doc_id, 1))
+
+
+def choice_requests(prefixes, questions, choices):
+    """Multiple-choice requests: every question under every shared prefix, one request per choice."""
+    reqs = []
+    for p, prefix in enumerate(prefixes):
+        for q, question in enumerate(questions):
+            doc = p * len(questions) + q
+            reqs += [ll(len(reqs), prefix + question, c, doc) for c in choices]
+    return reqs
+
+
+def assert_same_loglikelihoods(stock, fast, requests):
+    for (a_ll, a_greedy), (b_ll, b_greedy) in zip(stock, fast):
+        assert abs(a_ll - b_ll) <= LL_TOL
+        assert a_greedy == b_greedy
+    by_doc = {}
+    for r, a, b in zip(requests, stock, fast):
+        by_doc.setdefault(r.doc_id, []).append((a[0], b[0]))
+    for pairs in by_doc.values():  # the best choice of every question is the same
+        assert max(range(len(pairs)), key=lambda i: pairs[i][0]) == max(range(len(pairs)), key=lambda i: pairs[i][1])
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernel facts exact decoding rests on (this machine's BLAS)
+
+
+@pytest.mark.parametrize("rows", [2, 5, 16, 33])
+@pytest.mark.parametrize("shape,bias", [((1536, 576), False), ((576, 1536), True), ((192, 576), True)])
+def test_one_row_products_equal_batch_size_one(rows, shape, bias):
+    torch.manual_seed(rows)
+    w = torch.randn(*shape) * 0.05
+    b = torch.randn(shape[0]) if bias else None
+    x = torch.randn(rows, 1, shape[1])
+    alone = torch.cat([F.linear(x[i : i + 1], w, b) for i in range(rows)])
+    with _one_row_products():
+        together = F.linear(x, w, b)
+    assert torch.equal(together, alone)
+
+
+def test_one_row_head_on_a_vocabulary_subset_equals_the_full_head():
+    torch.manual_seed(0)
+    w = torch.randn(49152, 576) * 0.05
+    x = torch.randn(1, 1, 576) * 3
+    full = F.linear(x, w)[0, 0]
+    for n in (64, 128, 256):
+        ids = torch.randperm(w.shape[0])[:n].sort().values
+        assert torch.equal(F.linear(x, w[ids])[0, 0], full[ids])
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny Qwen2 (q/k/v biases, untied head), byte tokenizer: fast
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from qgate.models import build_tiny_model
+
+    tokenizer = byte_tokenizer()
+    model = build_tiny_model("qwen2", seed=5, vocab_size=len(tokenizer))
+    return model, tokenizer
+
+
+PROMPTS = ["Question: what is 2+2?\nAnswer:", "abc", "The quick brown fox jumps over the lazy dog. " * 3,
+           "def f(x):\n    return", "Once upon a time", "1, 2, 3, 4,"]
+
+
+@pytest.mark.parametrize("decode", ["exact", "batched"])
+def test_tiny_generation_equals_hflm(tiny, decode):
+    model, tokenizer = tiny
+    reqs = [gen(i, p, until=("\n\n", "!"), max_gen_toks=20 + 3 * i) for i, p in enumerate(PROMPTS)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4)
+    fast = fast_lm.generate_until(reqs, disable_tqdm=True)
+    assert fast == stock
+    assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]  # rows really advanced together
+    assert fast_lm.stats["hflm_generate"] == 0
+
+
+def test_repetition_penalty_and_unsupported_settings(tiny):
+    model, tokenizer = tiny
+    reqs = [gen(0, PROMPTS[0], repetition_penalty=1.3), gen(1, PROMPTS[2], repetition_penalty=0.8),
+            gen(2, PROMPTS[3], no_repeat_ngram_size=2)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer)
+    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
+    assert fast_lm.stats["hflm_generate"] == 1  # n-gram blocking is left to HFLM itself
+
+
+def test_tiny_loglikelihood_and_rolling_equal_hflm(tiny):
+    model, tokenizer = tiny
+    prefix = "Answer the questions.\n\nQ: 1+1?\nA: 2\n\nQ: 2+3?\nA: 5\n\n"
+    reqs = choice_requests([prefix, "Other shots.\n\n" * 3], ["Q: 3+4?\nA:", "Q: 9-1?\nA: "], [" 7", " 8", " 12"])
+    reqs += [ll(len(reqs), "", "hello world", 99), ll(len(reqs) + 1, "x", " y z", 98)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    fast_lm = FastLM(model, tokenizer, min_shared_prefix=16)
+    assert_same_loglikelihoods(stock.loglikelihood(reqs, disable_tqdm=True),
+                               fast_lm.loglikelihood(reqs, disable_tqdm=True), reqs)
+    assert fast_lm.stats["shared_prefix_tokens"] > 0  # the shared-prefix path ran
+
+    texts = [Instance("loglikelihood_rolling", {}, (t,), i, ("t", i, 1)) for i, t in enumerate(
+        ["short text", "A longer document that needs several windows. " * 4])]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, max_length=48)
+    fast_lm = FastLM(model, tokenizer, max_length=48)
+    for a, b in zip(stock.loglikelihood_rolling(texts, disable_tqdm=True),
+                    fast_lm.loglikelihood_rolling(texts, disable_tqdm=True)):
+        assert abs(a - b) <= LL_TOL * max(1.0, abs(a)) * 0.1
+
+
+def test_close_decisions_are_recomputed_as_hflm_does(tiny):
+    model, tokenizer = tiny
+    reqs = choice_requests(["Pick one.\n\n"], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " y", " z"])
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer, decision_margin=1e9)  # every decision counts as close
+    assert fast_lm.loglikelihood(reqs, disable_tqdm=True) == stock  # bit for bit: HFLM's own computation
+    assert fast_lm.stats["exact_loglikelihood"] == len(reqs)
+
+
+# ------------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from qgate.models import load
+
+    loaded = load(family="smollm2", device="cpu", progress=False)
+    return loaded.model, loaded.tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_generation_identical_to_hflm(smollm2):
+    model, tokenizer = smollm2
+    shots = "".join(f"Question: What is {a} plus {b}?\nAnswer: {a} plus {b} is {a + b}. #### {a + b}\n\n"
+                    for a, b in [(3, 4), (10, 7)])
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Name three fruits."}], tokenize=False,
+                                         add_generation_prompt=True)
+    reqs = [gen(0, shots + "Question: What is 6 plus 9?\nAnswer:", until=("Question:", "\n\n"), max_gen_toks=20),
+            gen(1, chat, until=("<|im_end|>",), max_gen_toks=20), gen(2, "The capital of France is", until=(".",)),
+            gen(3, "def fibonacci(n):", until=("\n\n",), max_gen_toks=20)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer)
+    assert fast_lm.decode == "exact"
+    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
+    assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]
+
+
+@pytest.mark.slow
+def test_smollm2_multiple_choice_identical_to_hflm(smollm2):
+    model, tokenizer = smollm2
+    shots = ("The following are multiple choice questions (with answers) about arithmetic.\n\n"
+             "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\nWhat is 3*3?\nA. 9\nB. 6\nC. 12\nD. 8\nAnswer: A\n\n")
+    questions = ["What is 7-5?\nA. 1\nB. 3\nC. 2\nD. 4\nAnswer:", "What is 10/2?\nA. 2\nB. 4\nC. 8\nD. 5\nAnswer:"]
+    reqs = choice_requests([shots], questions, [" A", " B", " C", " D"])
+    reqs += [ll(len(reqs) + i, "The capital of France is", c, 50) for i, c in enumerate([" Paris", " London.", " a city"])]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer)
+    fast = fast_lm.loglikelihood(reqs, disable_tqdm=True)
+    assert_same_loglikelihoods(stock, fast, reqs)
+    assert fast_lm.stats["shared_prefix_tokens"] > 0
