@@ -145,8 +145,18 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     from qgate.gate import run_gate
     from qgate.summary import console_text, junit_xml, markdown
 
-    result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
-                      backend=backend, limit=limit, device=device, report=report, report_path=report_output)
+    import signal
+
+    def _terminated(signum, frame):  # CI cancels with SIGTERM: record the run as interrupted, like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
+                          backend=backend, limit=limit, device=device, report=report, report_path=report_output)
+    except KeyboardInterrupt:
+        click.echo("qgate: interrupted; the evaluations stored so far are reused by the next run", err=True)
+        sys.exit(130)
     data = result.to_dict()
     click.echo(json.dumps(data, indent=2) if as_json else console_text(data))
     if junit:

@@ -185,26 +185,25 @@ def _per_row_attention():
 
 
 class _RowCache:
-    """KV cache of the rows of an exact decode step: each row writes its new token into its own buffers."""
+    """The KV cache of an exact decode step: rows write into their slots of the shared buffer; attention
+    then gets each row's own valid prefix of its slot (a view), never a padded batch."""
 
     is_compileable = False
 
-    def __init__(self, rows: list["_Row"]):
+    def __init__(self, slots: "_SlotCache", rows: list["_Row"]):
+        self.slots = slots
         self.rows = rows
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = [], []
-        for i, row in enumerate(self.rows):
-            kb, vb = row.kv[layer_idx]
-            n = row.cached
-            kb[:, :, n : n + 1].copy_(key_states[i : i + 1])
-            vb[:, :, n : n + 1].copy_(value_states[i : i + 1])
-            keys.append(kb[:, :, : n + 1])
-            values.append(vb[:, :, : n + 1])
+        kb, vb = self.slots.k[layer_idx], self.slots.v[layer_idx]
+        kb[self.slots.slots, :, self.slots.positions] = key_states[:, :, 0]
+        vb[self.slots.slots, :, self.slots.positions] = value_states[:, :, 0]
+        keys = [kb[r.slot : r.slot + 1, :, : r.cached + 1] for r in self.rows]
+        values = [vb[r.slot : r.slot + 1, :, : r.cached + 1] for r in self.rows]
         return _RowKV(keys), _RowKV(values)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max(row.cached for row in self.rows)
+        return max(row.cached for row in self.rows) + 1
 
 
 class _SlotCache:
@@ -295,7 +294,6 @@ class _Row:
     max_new: int
     penalty: float
     generated: list[int] = field(default_factory=list)
-    kv: list | None = None  # exact decode: this row's own (keys, values) buffers per layer
     cached: int = 0  # tokens in this row's cache
     slot: int = -1  # batched decode: the row's slot in the shared cache
     seen: torch.Tensor | None = None  # token ids for the repetition penalty
@@ -328,13 +326,14 @@ class FastLM(HFLM):
     max_batch: most rows in one forward pass / decode step.
     decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
     min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
+    kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
         recomputed exactly; None picks one from the model's dtype; 0 never recomputes (throughput runs).
     """
 
     def __init__(self, model, tokenizer, *, batch_tokens: int | None = None, max_batch: int | None = None,
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
-                 max_length: int | None = None, add_bos_token: bool | None = None,
+                 kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, truncation: bool = False, **hflm_kwargs):
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1,
                          max_length=max_length, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
@@ -346,6 +345,7 @@ class FastLM(HFLM):
         if decode not in ("exact", "batched"):
             raise ValueError(f"decode must be 'exact' or 'batched', got {decode!r}")
         self.min_shared_prefix = max(1, int(min_shared_prefix))
+        self.kv_budget_bytes = int(kv_budget_bytes)  # decode KV buffer cap on the CPU (a GPU uses half its free memory)
         self._base, self._head = _decoder_and_head(self.model)
         attn = getattr(self.model.config, "_attn_implementation", None)
         if decode == "exact" and not (attn == "sdpa" and _full_attention_only(self.model.config)):
@@ -702,20 +702,28 @@ class FastLM(HFLM):
                 return True
         return False
 
+    def _slot_count(self, rows: list[_Row], layers) -> int:
+        """Rows decoded together: max_batch, fewer if their KV cache would not fit the memory budget."""
+        capacity = max(len(r.prompt) + r.max_new for r in rows)
+        per_token = sum(k.shape[1] * k.shape[3] * k.element_size() + v.shape[1] * v.shape[3] * v.element_size()
+                        for k, v in layers)
+        if self.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2
+        else:
+            budget = self.kv_budget_bytes
+        return max(1, min(self.max_batch, len(rows), budget // max(1, capacity * per_token)))
+
     def _decode(self, rows: list[_Row], bar):
-        """Yield each row once it has finished; up to max_batch rows advance together."""
+        """Yield each row once it has finished; up to max_batch rows advance together, each in its own slot
+        of one preallocated KV buffer (a finished row's slot goes to the next waiting row)."""
         eos_ids = self._eos_ids()
         pending = deque(sorted(rows, key=lambda r: -len(r.prompt)))
         active: list[_Row] = []
         exact = self.decode == "exact"
         head_norms = None
-        slots = None
-        if not exact:
-            capacity = max(len(r.prompt) + r.max_new for r in rows)
-            free = list(range(min(self.max_batch, len(rows))))
-            slots = None  # built on the first prefill, when the cache's shapes are known
+        slots, free = None, []
         while pending or active:
-            while pending and len(active) < self.max_batch:
+            while pending and (slots is None or free):
                 row = pending.popleft()
                 started = time.perf_counter()
                 layers, token = self._prefill(row)
@@ -726,31 +734,24 @@ class FastLM(HFLM):
                     yield row
                     continue
                 row.cached = len(row.prompt)
-                if exact:
-                    row.kv = []
-                    for k, v in layers:
-                        kb = k.new_empty(1, k.shape[1], len(row.prompt) + row.max_new, k.shape[3])
-                        vb = v.new_empty(1, v.shape[1], len(row.prompt) + row.max_new, v.shape[3])
-                        kb[:, :, : k.shape[2]] = k
-                        vb[:, :, : v.shape[2]] = v
-                        row.kv.append((kb, vb))
-                else:
-                    if slots is None:
-                        k0 = layers[0][0]
-                        slots = _SlotCache(len(layers), len(free), k0.shape[1], capacity, k0.shape[3],
-                                           k0.dtype, k0.device)
-                    row.slot = free.pop(free.index(min(free)))
-                    slots.load(row.slot, layers)
+                if slots is None:  # shapes are known after the first prefill
+                    k0 = layers[0][0]
+                    count = self._slot_count(rows, layers)
+                    slots = _SlotCache(len(layers), count, k0.shape[1], max(len(r.prompt) + r.max_new for r in rows),
+                                       k0.shape[3], k0.dtype, k0.device)
+                    free = list(range(count))
+                row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
+                slots.load(row.slot, layers)
                 active.append(row)
             if not active:
                 continue
+            active.sort(key=lambda r: r.slot)
             started = time.perf_counter()
             if exact:
                 if head_norms is None:
                     head_norms = self._head.weight.float().norm(dim=1)
-                tokens = self._exact_step(active, head_norms)
+                tokens = self._exact_step(active, slots, head_norms)
             else:
-                active.sort(key=lambda r: r.slot)  # slot order: a full batch reads the cache without a gather
                 tokens = self._batched_step(active, slots)
             self.stats["decode_s"] += time.perf_counter() - started
             self.stats["decode_steps"] += 1
@@ -761,9 +762,8 @@ class FastLM(HFLM):
                 row.generated.append(token)
                 if self._stopped(row, token, eos_ids):
                     bar.update(1)
-                    row.kv = None
-                    if not exact:
-                        free.append(row.slot)
+                    free.append(row.slot)
+                    free.sort()
                     yield row
                 else:
                     still.append(row)
@@ -801,12 +801,14 @@ class FastLM(HFLM):
         positions = torch.tensor([[row.cached] for row in active], dtype=torch.long, device=self.device)
         return ids, positions
 
-    def _exact_step(self, active: list[_Row], head_norms: torch.Tensor) -> list[int]:
+    def _exact_step(self, active: list[_Row], slots: _SlotCache, head_norms: torch.Tensor) -> list[int]:
         ids, positions = self._step_inputs(active)
+        slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
+        slots.positions = positions[:, 0]
         dummy_mask = torch.ones(len(active), 1, 1, 1, dtype=torch.bool, device=self.device)
         with _one_row_products(), _per_row_attention():
             hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=dummy_mask,
-                                past_key_values=_RowCache(active), use_cache=True).last_hidden_state
+                                past_key_values=_RowCache(slots, active), use_cache=True).last_hidden_state
         scores = self._head_logits(hidden)[:, -1].float()
         if any(row.penalty != 1.0 for row in active):
             scores = self._penalize(scores, active)
