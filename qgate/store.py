@@ -18,9 +18,7 @@ A step never edits an earlier step: to change an existing table, add a new step 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import math
 import os
 import uuid
 from dataclasses import dataclass
@@ -31,6 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from qgate.canonical import canonical_json, content_hash  # noqa: F401  (part of the store's API)
+from qgate.canonical import json_safe as _json_safe
 from qgate.errors import QgateError
 
 DEFAULT_DB = "qgate.db"
@@ -218,32 +218,9 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 # ---- helpers ----------------------------------------------------------------------------------
 
+
 def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _json_safe(obj: Any) -> Any:
-    """JSON-ready copy: NaN/inf become None (PostgreSQL's json rejects them), tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return _json_safe(obj.item())
-    return str(obj)
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def content_hash(obj: Any) -> str:
-    """sha256 hex digest of the canonical JSON of ``obj`` (key order and tuples do not matter)."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
 
 
 def evaluation_key(checkpoint_id: str, quant_config_id: str | None, task_config_id: str,

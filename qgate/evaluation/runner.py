@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from qgate.canonical import json_safe
 from qgate import __version__
 from qgate.errors import QgateError
 from qgate.evaluation.suite import Suite, TaskSpec
@@ -52,23 +53,12 @@ class TaskResult:
         return self.metrics[self.primary_metric]["stderr"]
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskResult":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf become None, tuples lists: the dict survives json.dumps(allow_nan=False) and a round trip."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------
