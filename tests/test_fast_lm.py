@@ -203,3 +203,37 @@ def test_smollm2_multiple_choice_identical_to_hflm(smollm2):
     fast = fast_lm.loglikelihood(reqs, disable_tqdm=True)
     assert_same_loglikelihoods(stock, fast, reqs)
     assert fast_lm.stats["shared_prefix_tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark's plumbing (the benchmark itself runs both LMs for minutes: bench/NOTES-eval.md)
+
+
+def test_bench_eval_cli_rejects_a_malformed_limit():
+    from click.testing import CliRunner
+
+    from qgate.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", "eval", "--limit", "mmlu40"])
+    assert result.exit_code == 2
+    assert "mmlu40" in result.output and "TASK=N" in result.output
+
+
+def test_bench_saves_the_suite_requests(tmp_path):
+    import json
+
+    from qgate.cli import _bench_module
+
+    bench = _bench_module("eval")
+    out = tmp_path / "requests.json"
+    assert bench.main(["--tasks", "mmlu,gsm_symbolic", "--limit", "mmlu=2", "--limit", "gsm_symbolic=1",
+                       "--save-requests", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert [r["request_type"] for r in saved["mmlu"]] == ["loglikelihood"] * 8  # 2 questions x 4 choices
+    assert [r["args"][1] for r in saved["mmlu"][:4]] == [" A", " B", " C", " D"]
+    assert saved["mmlu"][0]["args"][0].startswith("The following are multiple choice questions")
+    (gen,) = saved["gsm_symbolic"]
+    assert gen["request_type"] == "generate_until" and gen["args"][1]["max_gen_toks"] == 128
+    assert "Question:" in gen["args"][1]["until"]
+    loaded = bench.load_requests(out)
+    assert loaded["mmlu"][5].args == tuple(saved["mmlu"][5]["args"]) and loaded["mmlu"][5].doc_id == saved["mmlu"][5]["doc_id"]

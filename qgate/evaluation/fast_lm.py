@@ -66,6 +66,9 @@ _UNSUPPORTED_GREEDY_SETTINGS = {
     "dola_layers": (None,),
     "assistant_model": (None,),
     "prompt_lookup_num_tokens": (None,),
+    "stop_strings": (None,),
+    "token_healing": (None, False),
+    "max_time": (None,),
 }
 # gen_kwargs keys a greedy request may carry; sampling-only knobs are inert when do_sample is False
 _GREEDY_KWARGS = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty"}
