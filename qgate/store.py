@@ -509,25 +509,21 @@ class Store:
 
     def decisions(self, run_id: int, batch: str | None = "latest") -> list[dict]:
         """Task decisions of a run: the latest pass by default, one named batch, or all (batch=None)."""
-        q = sa.select(decisions).where(decisions.c.run_id == run_id).order_by(decisions.c.id)
-        with self.engine.begin() as conn:
-            if batch == "latest":
-                batch = _latest_batch(conn, decisions, run_id)
-                if batch is None:
-                    return []
-            if batch is not None:
-                q = q.where(decisions.c.batch == batch)
-            return [_row(r) for r in conn.execute(q).all()]
+        return self._batch_rows(decisions, run_id, batch)
 
     def outcomes(self, run_id: int, batch: str | None = "latest") -> list[dict]:
-        q = sa.select(outcomes).where(outcomes.c.run_id == run_id).order_by(outcomes.c.id)
+        return self._batch_rows(outcomes, run_id, batch)
+
+    def _batch_rows(self, table: sa.Table, run_id: int, batch: str | None) -> list[dict]:
+        """Rows of a per-run, batched table (decisions, outcomes): latest batch, one batch, or all."""
+        q = sa.select(table).where(table.c.run_id == run_id).order_by(table.c.id)
         with self.engine.begin() as conn:
             if batch == "latest":
-                batch = _latest_batch(conn, outcomes, run_id)
+                batch = _latest_batch(conn, table, run_id)
                 if batch is None:
                     return []
             if batch is not None:
-                q = q.where(outcomes.c.batch == batch)
+                q = q.where(table.c.batch == batch)
             return [_row(r) for r in conn.execute(q).all()]
 
     # -- sign-offs --
