@@ -417,16 +417,14 @@ class _TensorQuantizer:
         if self.fmt.scale == SCALE_E8M0:
             scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem))
         elif self.fmt.scale == SCALE_E4M3_FP32:
-            s_tensor = self.tensor_amax / (E2M1.max_value * E4M3.max_value)
+            # the reference's own scale functions, so CUDA and CPU count the same blocks
+            s_tensor = ref.true_div(self.tensor_amax, E2M1.max_value * E4M3.max_value)
             s_tensor = torch.where(s_tensor > 0, s_tensor, 1.0)
-            s_block = ref.round_to_element(
-                torch.clamp((amax / E2M1.max_value) / s_tensor, ref.NVFP4_BLOCK_SCALE_MIN, E4M3.max_value), E4M3
-            )
-            scaled = amax / (s_block * s_tensor)
+            scaled = amax / (ref.nvfp4_block_scale(amax, s_tensor) * s_tensor)
         elif self.fmt.scale == SCALE_FP32_TENSOR:
-            scaled = amax / torch.where(self.tensor_amax > 0, self.tensor_amax / E4M3.max_value, 1.0)
+            scaled = amax / torch.where(self.tensor_amax > 0, ref.true_div(self.tensor_amax, E4M3.max_value), 1.0)
         elif self.fmt.scale == SCALE_FP32_CHANNEL:
-            scaled = amax / (amax / E4M3.max_value)
+            scaled = amax / ref.true_div(amax, E4M3.max_value)
         else:
             return torch.zeros_like(finite)
         return finite & (scaled > elem.max_value)

@@ -25,7 +25,7 @@ from qgate.formats import (
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 
 
-def _div(a: torch.Tensor, constant: float) -> torch.Tensor:
+def true_div(a: torch.Tensor, constant: float) -> torch.Tensor:
     """a / constant as a true float32 division on every device.
 
     CUDA turns `tensor / python_float` into a multiplication by the reciprocal, which rounds
@@ -93,7 +93,13 @@ def quantize_mx_blocks(xb: torch.Tensor, elem: ElementType):
 def nvfp4_tensor_scale(x: torch.Tensor) -> torch.Tensor:
     """s_tensor = amax(tensor) / (6 * 448) in float32, amax over the finite values."""
     finite_abs = torch.where(torch.isfinite(x), x.abs(), 0.0)
-    return _div(finite_abs.amax(), E2M1.max_value * E4M3.max_value)
+    return true_div(finite_abs.amax(), E2M1.max_value * E4M3.max_value)
+
+
+def nvfp4_block_scale(block_amax: torch.Tensor, s_tensor: torch.Tensor) -> torch.Tensor:
+    """s_block = e4m3(clamp((amax_block / 6) / s_tensor, 2^-6, 448)), as float32 values."""
+    ratio = true_div(block_amax, E2M1.max_value) / s_tensor
+    return round_to_element(torch.clamp(ratio, NVFP4_BLOCK_SCALE_MIN, E4M3.max_value), E4M3)
 
 
 def quantize_nvfp4_blocks(xb: torch.Tensor, s_tensor: torch.Tensor):
@@ -101,8 +107,7 @@ def quantize_nvfp4_blocks(xb: torch.Tensor, s_tensor: torch.Tensor):
     amax = xb.abs().amax(dim=-1)
     bad = ~torch.isfinite(amax)
     safe_t = torch.where(s_tensor > 0, s_tensor, 1.0)  # an all-zero tensor: any scale gives zeros
-    ratio = _div(torch.where(bad, 0.0, amax), E2M1.max_value) / safe_t
-    s_block = round_to_element(torch.clamp(ratio, NVFP4_BLOCK_SCALE_MIN, E4M3.max_value), E4M3)
+    s_block = nvfp4_block_scale(torch.where(bad, 0.0, amax), safe_t)
     total = (s_block * safe_t).unsqueeze(-1)  # one float32 scale per block, for quantizing and dequantizing
     q = round_to_element(xb / total, E2M1)
     return q, s_block, total, bad
@@ -112,7 +117,7 @@ def fp8_scales(rows: torch.Tensor, per_row: bool) -> torch.Tensor:
     """s = amax / 448 (float32), over finite values, per tensor or per row; zero amax -> scale 1."""
     finite_abs = torch.where(torch.isfinite(rows), rows.abs(), 0.0)
     amax = finite_abs.amax(dim=-1, keepdim=True) if per_row else finite_abs.amax().reshape(1, 1)
-    s = _div(amax, E4M3.max_value)
+    s = true_div(amax, E4M3.max_value)
     return torch.where(s > 0, s, 1.0)
 
 
