@@ -38,7 +38,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_TASKS = ("mmlu", "gsm_symbolic")
-LL_TOLERANCE = 1e-4
+LL_TOLERANCE = 1e-4  # |loglikelihood difference| allowed per request
+ROLLING_RELATIVE = 1e-6  # a document's total (a sum over all its tokens) may also differ by this fraction
 # Qwen2.5-1.5B's config.json: the fields that shape the network (weights are random: throughput only)
 QWEN25_1_5B = dict(
     architectures=["Qwen2ForCausalLM"], hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -81,31 +82,29 @@ def record(lm) -> Calls:
     return calls
 
 
-class _Placeholder:
-    """An lm-eval LM that records requests and answers with placeholders (to save a suite's requests)."""
+def placeholder_lm(max_length: int):
+    """An lm-eval LM that keeps every request and answers with placeholders (to save a suite's requests)."""
+    from lm_eval.api.model import LM
 
-    def __init__(self, max_length: int):
-        from lm_eval.api.model import LM
+    class Recorder(LM):
+        def __init__(self):
+            super().__init__()
+            self.max_length = max_length
+            self.seen = []
 
-        class Recorder(LM):
-            def __init__(self):
-                super().__init__()
-                self.max_length = max_length
-                self.seen = []
+        def loglikelihood(self, requests, disable_tqdm=False):
+            self.seen.extend(requests)
+            return [(0.0, False)] * len(requests)
 
-            def loglikelihood(self, requests, disable_tqdm=False):
-                self.seen.extend(requests)
-                return [(0.0, False)] * len(requests)
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            self.seen.extend(requests)
+            return [0.0] * len(requests)
 
-            def loglikelihood_rolling(self, requests, disable_tqdm=False):
-                self.seen.extend(requests)
-                return [0.0] * len(requests)
+        def generate_until(self, requests, disable_tqdm=False):
+            self.seen.extend(requests)
+            return [""] * len(requests)
 
-            def generate_until(self, requests, disable_tqdm=False):
-                self.seen.extend(requests)
-                return [""] * len(requests)
-
-        self.lm = Recorder()
+    return Recorder()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +203,7 @@ def same_answer(kind: str, a, b) -> tuple[bool, float | None]:
         return a == b, None
     if kind == "loglikelihood_rolling":
         diff = abs(float(a) - float(b))
-        return diff <= LL_TOLERANCE * max(1.0, abs(float(a))) * 1e-2 + LL_TOLERANCE, diff
+        return diff <= LL_TOLERANCE + ROLLING_RELATIVE * abs(float(a)), diff
     diff = abs(float(a[0]) - float(b[0]))
     return diff <= LL_TOLERANCE and bool(a[1]) == bool(b[1]), diff
 
@@ -233,13 +232,19 @@ def count_tokens(tokenizer, calls: Calls) -> int:
     return total
 
 
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= LL_TOLERANCE + ROLLING_RELATIVE * abs(a)
+
+
 def compare_samples(a: list[dict], b: list[dict]) -> int:
+    """Samples whose every score (and output, and choice logprobs) is the same in both runs."""
     same = 0
     for x, y in zip(a, b):
         sx, sy = x["scores"], y["scores"]
-        equal = sx.keys() == sy.keys() and all(
-            abs(sx[k] - sy[k]) <= LL_TOLERANCE * max(1.0, abs(sx[k])) for k in sx)
+        equal = sx.keys() == sy.keys() and all(_close(sx[k], sy[k]) for k in sx)
         equal = equal and x.get("output") == y.get("output")
+        lx, ly = x.get("logprobs", []), y.get("logprobs", [])
+        equal = equal and len(lx) == len(ly) and all(_close(p, q) for p, q in zip(lx, ly))
         same += equal
     return same
 
@@ -290,13 +295,11 @@ def bench_suite_task(model, tokenizer, spec, limit, fast_kw) -> TaskBench:
 
 
 def save_suite_requests(tokenizer, specs_limits, path: Path, max_length: int = 32768) -> None:
-    from lm_eval.api.instance import Instance  # noqa: F401
-
     from qgate.evaluation.runner import evaluate_task
 
     out = {}
     for spec, limit in specs_limits:
-        placeholder = _Placeholder(max_length).lm
+        placeholder = placeholder_lm(max_length)
         evaluate_task(None, tokenizer, spec, limit=limit, lm=placeholder)
         out[spec.name] = [{"request_type": r.request_type, "args": list(r.args), "doc_id": r.doc_id,
                            "idx": r.idx, "task_name": r.task_name} for r in placeholder.seen]

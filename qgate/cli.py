@@ -31,7 +31,7 @@ def cli():
 @cli.command("formats")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def formats_cmd(as_json):
-    """List the numeric formats: element type, block size, scale, bits per value, largest value."""
+    """List the numeric formats: element type, block size, scale (E8M0 with its rule), bits per value, largest value."""
     from qgate.formats import list_formats
 
     rows = [f.describe() for f in list_formats()]
@@ -40,7 +40,8 @@ def formats_cmd(as_json):
         return
     header = ("name", "element", "block", "scale", "bits/value", "largest")
     table = [header] + [
-        (r["name"], r["element"], str(r["block_size"] or "-"), r["scale"], f'{r["bits_per_value"]:g}',
+        (r["name"], r["element"], str(r["block_size"] or "-"),
+         r["scale"] + (f'/{r["scale_rule"]}' if r["scale_rule"] else ""), f'{r["bits_per_value"]:g}',
          f'{r["max_value"]:g}' if r["max_value"] is not None else "-")
         for r in rows
     ]

@@ -123,7 +123,7 @@ def encode(x: torch.Tensor, fmt: Format | str) -> Encoded:
         return Encoded(fmt.name, shape, dtype, pack(codes, elem.bits), None, s.reshape(-1).clone())
     xb, _ = ref._blocks(xf, fmt.block_size)
     if fmt.scale == SCALE_E8M0:
-        q, shared, bad = ref.quantize_mx_blocks(xb, elem)
+        q, shared, bad = ref.quantize_mx_blocks(xb, elem, fmt.scale_rule)
         scales = torch.where(bad, E8M0_NAN, shared + E8M0_BIAS).to(torch.uint8)
         tensor_scales = None
     elif fmt.scale == SCALE_E4M3_FP32:

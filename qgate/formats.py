@@ -68,6 +68,10 @@ class Format:
     scale: str
     bits_per_value: float
     description: str
+    # how an E8M0 block scale is chosen: "floor" (OCP MX: 2^(floor(log2 amax) - emax_elem)) or "rceil"
+    # (cuBLAS/ModelOpt: the float32 amax / largest element rounded up to a power of two, never clipping;
+    # capped at 2^(127 - emax_elem) so that every element times its scale stays finite in float32)
+    scale_rule: str = "floor"
 
     @property
     def max_value(self) -> float | None:
@@ -86,12 +90,15 @@ class Format:
             "scale": self.scale,
             "bits_per_value": self.bits_per_value,
             "max_value": self.max_value,
+            "scale_rule": self.scale_rule if self.scale == SCALE_E8M0 else None,
             "description": self.description,
         }
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["element"] = asdict(self.element)
+        if d["scale_rule"] == "floor":  # the default is left out, so formats hash as they did before variants existed
+            del d["scale_rule"]
         return d
 
 
@@ -99,15 +106,28 @@ def _mx(name: str, element: ElementType, bits: float) -> Format:
     return Format(name, element, 32, SCALE_E8M0, bits, f"OCP MX v1.0, {element.name.upper()} elements, block 32, E8M0 scale")
 
 
+def _mx_rceil(floor_format: Format) -> Format:
+    """The same MX format with the scale rounded up (RCEIL): a variant under its own name, never silent."""
+    return Format(f"{floor_format.name}_rceil", floor_format.element, 32, SCALE_E8M0, floor_format.bits_per_value,
+                  f"{floor_format.description}, scale rounded up (RCEIL: 2^ceil(log2(amax / {floor_format.element.max_value:g})), "
+                  "as cuBLAS/ModelOpt; no block clips)", scale_rule="rceil")
+
+
+_MX_FORMATS = (
+    _mx("mxfp4", E2M1, 4.25),
+    _mx("mxfp6_e3m2", E3M2, 6.25),
+    _mx("mxfp6_e2m3", E2M3, 6.25),
+    _mx("mxfp8_e4m3", E4M3, 8.25),
+    _mx("mxfp8_e5m2", E5M2, 8.25),
+    _mx("mxint8", INT8, 8.25),
+)
+
+
 _REGISTRY: dict[str, Format] = {
     f.name: f
     for f in (
-        _mx("mxfp4", E2M1, 4.25),
-        _mx("mxfp6_e3m2", E3M2, 6.25),
-        _mx("mxfp6_e2m3", E2M3, 6.25),
-        _mx("mxfp8_e4m3", E4M3, 8.25),
-        _mx("mxfp8_e5m2", E5M2, 8.25),
-        _mx("mxint8", INT8, 8.25),
+        *_MX_FORMATS,
+        *(_mx_rceil(f) for f in _MX_FORMATS),
         Format("nvfp4", E2M1, 16, SCALE_E4M3_FP32, 4.5,
                "NVFP4: E2M1 elements, block 16, E4M3 block scale times an FP32 tensor scale"),
         Format("fp8", E4M3, None, SCALE_FP32_TENSOR, 8.0, "FP8 E4M3 with one FP32 scale per tensor"),

@@ -415,7 +415,7 @@ class _TensorQuantizer:
         finite = torch.isfinite(block_amax) & (block_amax > 0)
         amax = torch.where(finite, block_amax, 1.0)
         if self.fmt.scale == SCALE_E8M0:
-            scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem))
+            scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem, self.fmt.scale_rule))
         elif self.fmt.scale == SCALE_E4M3_FP32:
             # the reference's own scale functions, so CUDA and CPU count the same blocks
             s_tensor = ref.true_div(self.tensor_amax, E2M1.max_value * E4M3.max_value)

@@ -22,7 +22,20 @@ FORMAT_ELEMENT = {
     "mxfp4": "e2m1", "mxfp6_e3m2": "e3m2", "mxfp6_e2m3": "e2m3", "mxfp8_e4m3": "e4m3",
     "mxfp8_e5m2": "e5m2", "mxint8": "int8", "nvfp4": "e2m1", "fp8": "e4m3", "fp8_channel": "e4m3",
 }
+FORMAT_ELEMENT.update({f"{name}_rceil": e for name, e in list(FORMAT_ELEMENT.items()) if name.startswith("mx")})
 EMAX = {"e2m1": 2, "e3m2": 4, "e2m3": 2, "e4m3": 8, "e5m2": 15, "int8": 0}
+LARGEST = {**{e: v[3] for e, v in ELEMENTS.items()}, "int8": 127 / 64}
+
+
+def mx_shared_exponent(amax: float, elem: str, rceil: bool) -> int:
+    """floor: OCP's floor(log2 amax) - emax. rceil: ceil(log2(float32(amax / largest))), exactly."""
+    if rceil:
+        d = float(np.float32(amax) / np.float32(LARGEST[elem]))  # the float32 quotient, subnormal or not
+        m, e = math.frexp(d)
+        exp = e - 1 if m == 0.5 else e
+        return min(max(exp, -127), 127 - EMAX[elem])  # above, the largest element times the scale overflows
+    exp = math.frexp(amax)[1] - 1 - EMAX[elem]
+    return min(max(exp, -127), 127)
 
 
 def grid(elem: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +119,7 @@ def fake_quantize(x: np.ndarray, fmt: str) -> np.ndarray:
                 if amax == 0:
                     out[r, start:start + block] = 0.0
                     continue
-                shared = min(max(math.frexp(amax)[1] - 1 - EMAX[elem], -127), 127)
+                shared = mx_shared_exponent(amax, elem, fmt.endswith("_rceil"))
                 q = nearest(b.astype(np.float64) / 2.0**shared, elem)
                 out[r, start:start + block] = (q * 2.0**shared).astype(np.float32)
     return out.reshape(shape)

@@ -161,6 +161,23 @@ def test_close_decisions_are_recomputed_as_hflm_does(tiny):
     assert fast_lm.stats["exact_loglikelihood"] == len(reqs)
 
 
+def test_models_with_quantization_hooks_are_left_to_hflm():
+    """KV-cache quantization with a per-tensor scale (nvfp4) depends on how rows are batched: HFLM decides."""
+    from qgate.models import build_tiny_model
+    from qgate.quantize import quantize_model
+
+    tokenizer = byte_tokenizer()
+    model = build_tiny_model("llama", seed=2, vocab_size=len(tokenizer))
+    quantize_model(model, "mxfp8_e4m3", kv_quant="nvfp4", progress=False)
+    gens = [gen(i, p, max_gen_toks=12) for i, p in enumerate(PROMPTS[:3])]
+    lls = choice_requests(["Shared prefix of the questions. " * 2], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " yy"])
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    fast_lm = FastLM(model, tokenizer, min_shared_prefix=8)
+    assert fast_lm.generate_until(gens, disable_tqdm=True) == stock.generate_until(gens, disable_tqdm=True)
+    assert fast_lm.loglikelihood(lls, disable_tqdm=True) == stock.loglikelihood(lls, disable_tqdm=True)
+    assert fast_lm.stats["hflm_hooked_calls"] == 2 and fast_lm.stats["decode_steps"] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # the real SmolLM2-135M-Instruct
 

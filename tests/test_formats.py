@@ -214,6 +214,51 @@ def test_matches_torchao_mx(fmt, dtype):
     assert same_bits(fake_quantize(x, fmt), theirs)
 
 
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2"])
+def test_rceil_variants_match_torchao_rceil(fmt):
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    x = many_scales(64, 256, seed=11).clamp(-1e30, 1e30)
+    x = torch.where(x.abs() < 1e-28, 1e-28, x)
+    scale, data = torchao_mx.to_mx(x, _torchao_elem(fmt), 32, scaling_mode=ScaleCalculationMode.RCEIL)
+    theirs = torchao_mx.to_dtype(data, scale, _torchao_elem(fmt), 32, torch.float32)
+    assert same_bits(fake_quantize(x, f"{fmt}_rceil"), theirs)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8_e4m3", "mxint8"])
+def test_rceil_never_clips_where_floor_does(fmt):
+    """FLOOR leaves amax / scale in [2^emax, 2^(emax+1)): above the largest element it clips; RCEIL never."""
+    f = get_format(fmt)
+    x = torch.randn(256, 32, generator=torch.Generator().manual_seed(3))
+    # every block's amax at 0.99 of the next power of two: the top of FLOOR's range
+    x[:, 0] = 0.999 * 2.0 ** torch.randint(-20, 20, (256,), generator=torch.Generator().manual_seed(4)).float()
+    x = x / x.abs().amax(dim=1, keepdim=True) * x[:, :1].abs()
+    from qgate.backends import reference as ref
+
+    amax = x.abs().amax(dim=1)
+    floor_ratio = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, f.element, "floor"))
+    rceil_ratio = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, f.element, "rceil"))
+    assert (floor_ratio > f.element.max_value).all()  # every block clips under FLOOR...
+    assert (rceil_ratio <= f.element.max_value).all() and (rceil_ratio > f.element.max_value / 2).all()
+    err_floor = (fake_quantize(x, fmt) - x).norm()
+    err_rceil = (fake_quantize(x, f"{fmt}_rceil") - x).norm()
+    assert err_rceil < err_floor
+
+
+def test_rceil_reads_the_exponent_exactly():
+    # amax just above 448 * 2^10: the float32 quotient amax / 448 is one ulp above 2^10, whose exact
+    # ceil(log2) is 11 while a float32 log2 rounds to exactly 10 (the trap a log2-based rule falls into)
+    amax = torch.tensor(448.0 * 2**10).nextafter(torch.tensor(float("inf")))
+    d = amax / 448
+    assert d.item() > 2**10 and torch.ceil(torch.log2(d)).item() == 10
+    x = torch.zeros(1, 32)
+    x[0, 0] = amax
+    x[0, 1] = 2.0  # 2^-9 (E4M3's smallest subnormal) at scale 2^10; half of it, a tie to 0, at 2^11
+    y = fake_quantize(x, "mxfp8_e4m3_rceil")
+    assert same_bits(y, torch.from_numpy(bruteforce.fake_quantize(x.numpy(), "mxfp8_e4m3_rceil")))
+    assert y[0, 0] == 448.0 * 2**10 and y[0, 1] == 0.0  # scale 2^11: 224 * 2^11, and 2 rounds to zero
+
+
 def test_matches_torchao_nvfp4_fp32():
     from torchao.prototype.mx_formats import nvfp4_tensor as N
 
@@ -259,11 +304,15 @@ def test_formats_cli_table_and_json():
     lines = res.output.splitlines()
     assert lines[0].split() == ["name", "element", "block", "scale", "bits/value", "largest"]
     mxfp4 = next(line for line in lines if line.startswith("mxfp4 "))
-    assert mxfp4.split() == ["mxfp4", "e2m1", "32", "e8m0", "4.25", "6"]
+    assert mxfp4.split() == ["mxfp4", "e2m1", "32", "e8m0/floor", "4.25", "6"]
+    rceil = next(line for line in lines if line.startswith("mxfp8_e4m3_rceil "))
+    assert rceil.split() == ["mxfp8_e4m3_rceil", "e4m3", "32", "e8m0/rceil", "8.25", "448"]
     res = runner.invoke(cli, ["formats", "--json"])
     rows = {r["name"]: r for r in json.loads(res.output)}
-    assert set(rows) == {"mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "nvfp4",
-                         "fp8", "fp8_channel", "bf16"}
+    mx = {"mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8"}
+    assert set(rows) == mx | {f"{m}_rceil" for m in mx} | {"nvfp4", "fp8", "fp8_channel", "bf16"}
+    assert rows["mxfp4"]["scale_rule"] == "floor" and rows["mxfp4_rceil"]["scale_rule"] == "rceil"
+    assert rows["nvfp4"]["scale_rule"] is None
     assert rows["nvfp4"]["block_size"] == 16 and rows["nvfp4"]["bits_per_value"] == 4.5
     assert rows["mxint8"]["max_value"] == 1.984375
     assert rows["mxfp8_e5m2"]["max_value"] == 57344.0

@@ -444,7 +444,7 @@ def smollm2_results():
     pristine = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     embedding_only = {"name": "embedding", "rules": [{"match": "(embed_tokens|lm_head)$", "format": "$candidate"}]}
     out = {}
-    for fmt, recipe in [("mxfp8_e4m3", "uniform"), ("mxfp6_e2m3", "uniform"), ("nvfp4", "uniform"),
+    for fmt, recipe in [("mxfp8_e4m3", "uniform"), ("mxfp8_e4m3_rceil", "uniform"), ("mxfp6_e2m3", "uniform"), ("nvfp4", "uniform"),
                         ("mxfp4", "uniform"), ("mxfp4", "mixed-fp4"), ("mxfp4", embedding_only),
                         ("mxfp8_e4m3", embedding_only)]:
         loaded.model.load_state_dict(pristine)
@@ -464,6 +464,12 @@ def test_smollm2_sqnr_orders_the_formats(smollm2_results):
     # so more mxfp8_e4m3 blocks clip, and with equal mantissas that costs it its lead over mxfp6_e2m3
     assert s["mxfp8_e4m3"]["saturated_block_share"] > 1.5 * s["mxfp6_e2m3"]["saturated_block_share"]
     assert abs(sqnr["mxfp8_e4m3"] - sqnr["mxfp6_e2m3"]) < 1.5
+    # the same 8-bit format with the scale rounded up (RCEIL, its own name): nothing clips, and the
+    # order the bit widths promise holds: mxfp8_e4m3 > mxfp6_e2m3 > nvfp4 > mxfp4
+    rceil = smollm2_results["mxfp8_e4m3_rceil", "uniform"].summary()
+    assert rceil["saturated_block_share"] == 0
+    assert rceil["sqnr_db"] > sqnr["mxfp6_e2m3"] + 0.3 and sqnr["mxfp6_e2m3"] > sqnr["nvfp4"] > sqnr["mxfp4"]
+    assert rceil["quantized_bytes"] == s["mxfp8_e4m3"]["quantized_bytes"]
     # bytes follow the bits per value
     sizes = [s[f]["quantized_bytes"] for f in ("mxfp8_e4m3", "mxfp6_e2m3", "nvfp4", "mxfp4")]
     assert sizes == sorted(sizes, reverse=True)

@@ -76,16 +76,30 @@ def _unblocks(blocks: torch.Tensor, last: int, shape: torch.Size) -> torch.Tenso
     return blocks.reshape(blocks.shape[0], -1)[:, :last].reshape(shape)
 
 
-def mx_shared_exponent(amax: torch.Tensor, elem: ElementType) -> torch.Tensor:
-    """OCP MX shared scale exponent: floor(log2(amax)) - emax_elem, clamped to E8M0's range."""
+def ceil_log2(a: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(|a|)) read exactly from the float's bits (subnormals included); zero gives 0, callers mask it."""
+    mantissa, exponent = torch.frexp(a)  # |mantissa| in [0.5, 1): a power of two has mantissa 0.5 exactly
+    return exponent - (mantissa.abs() == 0.5).to(exponent.dtype)
+
+
+def mx_shared_exponent(amax: torch.Tensor, elem: ElementType, rule: str = "floor") -> torch.Tensor:
+    """The E8M0 shared scale exponent, clamped to E8M0's range.
+
+    floor (OCP MX): floor(log2(amax)) - emax_elem; the largest values of a block may clip at the largest element.
+    rceil (cuBLAS/ModelOpt): ceil(log2(amax / largest element)), the float32 quotient's exact exponent
+    rounded up, so amax / scale never exceeds the largest element. Its top is 127 - emax_elem (FLOOR's own
+    top), the largest scale at which every element stays finite in float32: above it, values saturate.
+    """
+    if rule == "rceil":
+        return torch.clamp(ceil_log2(true_div(amax, elem.max_value)), E8M0_MIN_EXP, E8M0_MAX_EXP - elem.emax)
     return torch.clamp(floor_log2(amax) - elem.emax, E8M0_MIN_EXP, E8M0_MAX_EXP)
 
 
-def quantize_mx_blocks(xb: torch.Tensor, elem: ElementType):
+def quantize_mx_blocks(xb: torch.Tensor, elem: ElementType, rule: str = "floor"):
     """Quantize blocks [rows, n, block] -> (elements on the grid, shared exponents, non-finite block mask)."""
     amax = xb.abs().amax(dim=-1)
     bad = ~torch.isfinite(amax)
-    shared = mx_shared_exponent(torch.where(bad, 0.0, amax), elem)
+    shared = mx_shared_exponent(torch.where(bad, 0.0, amax), elem, rule)
     q = round_to_element(xb / exact_pow2(shared).unsqueeze(-1), elem)
     return q, shared, bad
 
@@ -124,7 +138,7 @@ def fp8_scales(rows: torch.Tensor, per_row: bool) -> torch.Tensor:
 def _fake_quantize_f32(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     if fmt.scale == SCALE_E8M0:
         xb, last = _blocks(x, fmt.block_size)
-        q, shared, bad = quantize_mx_blocks(xb, fmt.element)
+        q, shared, bad = quantize_mx_blocks(xb, fmt.element, fmt.scale_rule)
         out = q * exact_pow2(shared).unsqueeze(-1)
         out = torch.where(bad.unsqueeze(-1), float("nan"), out)
         return _unblocks(out, last, x.shape)

@@ -151,15 +151,25 @@ def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.con
 def _mx_kernel(x_ptr, y_ptr, n_blocks, K, blocks_per_row,
                EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr,
                IS_INT: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
-               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr):
+               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr,
+               RCEIL: tl.constexpr):
     pid = tl.program_id(0)
     offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # amax as the integer max of |x|'s bits: exact; Inf and NaN compare above every finite value
     amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
     bad = amax_bits >= 0x7F800000
-    # floor(log2(amax)) from the exponent field; zero and subnormal amax clamp to -127 either way
-    shared = tl.minimum(tl.maximum((amax_bits >> 23) - 127 - EMAX, -127), 127)
+    if RCEIL:
+        # ceil(log2(amax / MAXV)) from the float32 quotient's bits: the exponent, plus one unless a power of two
+        d_bits = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), MAXV).to(tl.int32, bitcast=True)
+        mant = d_bits & 0x7FFFFF
+        e_field = d_bits >> 23
+        # a subnormal quotient (exponent field 0) lies in (0, 2^-126): ceil is -126 above 2^-127, else <= -127
+        e = tl.where(e_field > 0, e_field - 127 + (mant != 0).to(tl.int32), tl.where(mant > 0x400000, -126, -127))
+        shared = tl.minimum(tl.maximum(e, -127), 127 - EMAX)  # the top keeps MAXV * 2^shared finite
+    else:
+        # floor(log2(amax)) from the exponent field; zero and subnormal amax clamp to -127 either way
+        shared = tl.minimum(tl.maximum((amax_bits >> 23) - 127 - EMAX, -127), 127)
     v = x * _pow2(-shared)[:, None]  # exact: a power of two (rounds like the division when tiny)
     q = _round_to_element(v, EMIN, MBITS, MAXV, IS_INT)
     y = q * _pow2(shared)[:, None]   # exact: few significant bits times a power of two
@@ -326,7 +336,7 @@ class TritonBackend(Backend):
             raise UsageError("out= must be a contiguous tensor of the input's shape, dtype and device")
         with torch.cuda.device(src.device) if src.is_cuda else nullcontext():
             if fmt.scale == SCALE_E8M0:
-                self._mx(src, out, K, fmt.element, fmt.block_size)
+                self._mx(src, out, K, fmt.element, fmt.block_size, rceil=fmt.scale_rule == "rceil")
             elif fmt.scale == SCALE_E4M3_FP32:
                 self._nvfp4(src, out, K, fmt.block_size)
             elif fmt.scale == SCALE_FP32_TENSOR:
@@ -346,13 +356,13 @@ class TritonBackend(Backend):
         return dict(n_blocks=n_blocks, blocks_per_row=per_row, EVEN_K=K % block == 0,
                     EVEN_N=n_blocks % r == 0, INT64=self._int64(numel + K, block * r))
 
-    def _mx(self, src, out, K, elem: ElementType, block: int) -> None:
+    def _mx(self, src, out, K, elem: ElementType, block: int, rceil: bool = False) -> None:
         g = self._block_geometry(src.numel(), K, block, self.mx_r)
         grid = (_cdiv(g["n_blocks"], self.mx_r),)
         _mx_kernel[grid](src, out, g["n_blocks"], K, g["blocks_per_row"],
                          EMAX=elem.emax, EMIN=elem.emin, MBITS=elem.mbits, MAXV=elem.max_value,
                          IS_INT=elem.is_int, BLOCK=block, R=self.mx_r, EVEN_K=g["EVEN_K"],
-                         EVEN_N=g["EVEN_N"], INT64=g["INT64"], SOFT_BF16=_INTERPRET, num_warps=self.num_warps,
+                         EVEN_N=g["EVEN_N"], INT64=g["INT64"], SOFT_BF16=_INTERPRET, RCEIL=rceil, num_warps=self.num_warps,
                          **_LAUNCH)
 
     def tensor_amax_bits(self, src: torch.Tensor) -> torch.Tensor:

@@ -21,19 +21,21 @@ generate_until
     and a waiting request taking its place. With ``decode="exact"`` (the default on the CPU) every row
     computes what HFLM at batch size 1 computes, to the bit: its prompt is prefilled alone; in decode steps
     each matrix product runs as a batch of one-row products (MKL's one-row kernel, not the many-row one,
-    whose rounding differs) and attention runs per row on that row's own KV cache; the next token comes from
-    one batched LM head when a rounding-error bound proves the argmax equals the one-row product's argmax,
-    otherwise from that row's own one-row LM head. With ``decode="batched"`` (the default elsewhere) rows
-    share one preallocated KV cache and plain batched products: much faster on a GPU, equal up to rounding.
+    whose rounding differs) and attention runs per row on that row's own slot of the KV buffer; the LM head
+    runs batched, a rounding-error bound picks the few tokens the one-row head could rank first, and only
+    those are recomputed with one-row arithmetic to take the argmax. With ``decode="batched"`` (the default
+    elsewhere) rows share one preallocated KV buffer and plain batched products: much faster on a GPU,
+    equal up to rounding.
 
 Decode settings HFLM would pass through to ``generate`` and that this module does not implement (sampling,
-beams, n-gram blocking, ...) are sent to HFLM itself, so every request is answered either way.
+beams, n-gram blocking, ...) are sent to HFLM itself, so every request is answered either way. So is all
+work on a model carrying forward hooks (qgate's activation and KV-cache quantization): a hook may compute
+over a whole tensor (one scale for all rows), which a different batching would change.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -74,6 +76,9 @@ _UNSUPPORTED_GREEDY_SETTINGS = {
 _GREEDY_KWARGS = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty"}
 
 _FP32_UNIT_ROUNDOFF = 2.0**-24
+# a batch of right-padded sequences takes only sequences at least this fraction of its longest: padding
+# is computed like real tokens (a CPU gains nothing from rows beyond ~1k tokens per forward anyway)
+_MIN_FILL = 0.8
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,6 +119,12 @@ def _new_dynamic_cache(config):
         return DynamicCache(config=config)
     except TypeError:
         return DynamicCache()
+
+
+def _has_forward_hooks(model) -> bool:
+    """Hooks (activation or KV-cache quantization, ...) may compute per tensor, e.g. one scale over all
+    rows of a batch; a schedule that batches rows differently from HFLM could then change the answers."""
+    return any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
 
 def _full_attention_only(config) -> bool:
@@ -362,8 +373,8 @@ class FastLM(HFLM):
         self._instances = None  # the Instances of the loglikelihood call in progress (for choice groups)
         # how often the slow, exact paths ran: loglikelihoods recomputed as HFLM does, decode steps whose
         # next token had several contenders, requests HFLM generated itself
-        self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0,
-                      "shared_prefix_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+        self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
+                      "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
 
     # -- loglikelihood ------------------------------------------------------------------------------
 
@@ -374,9 +385,18 @@ class FastLM(HFLM):
         finally:
             self._instances = None
 
+    def _own_schedule(self) -> bool:
+        """False when FastLM must leave the computation to HFLM itself (no separable head, or hooks)."""
+        if self._base is None:
+            return False
+        if _has_forward_hooks(self.model):
+            self.stats["hflm_hooked_calls"] += 1
+            return False
+        return True
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         """requests: ((context, continuation), context tokens, continuation tokens), as HFLM receives them."""
-        if self._base is None:
+        if not self._own_schedule():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         results, robust = self._score(requests, disable_tqdm)
         redo: set[int] = set()
@@ -396,7 +416,7 @@ class FastLM(HFLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        if self._base is None:
+        if not self._own_schedule():
             return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
         windows, counts = [], []
         for (string,) in [req.args for req in requests]:
@@ -464,7 +484,8 @@ class FastLM(HFLM):
             singles.sort(key=lambda u: -len(u.tokens))
             batch: list[_Unit] = []
             for unit in singles:
-                if batch and (len(batch) + 1) * len(batch[0].tokens) > self.batch_tokens or len(batch) >= self.max_batch:
+                if batch and ((len(batch) + 1) * len(batch[0].tokens) > self.batch_tokens or len(batch) >= self.max_batch
+                              or len(unit.tokens) < _MIN_FILL * len(batch[0].tokens)):
                     self._run_singles(batch, results, robust, bar)
                     batch = []
                 batch.append(unit)
@@ -506,6 +527,7 @@ class FastLM(HFLM):
         for r, u in enumerate(units):
             ids[r, : len(u.tokens)] = torch.tensor(u.tokens, dtype=torch.long)
         hidden = self._base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+        self.stats["forward_tokens"] += ids.numel()
         rows, cols = [], []
         for r, u in enumerate(units):
             rows.extend([r] * u.need)
@@ -521,7 +543,8 @@ class FastLM(HFLM):
         while start < len(groups):
             n = 1  # right-padded prefixes: causal attention keeps every row's prefix positions its own
             while (start + n < len(groups) and n < self.max_batch
-                   and (n + 1) * groups[start][0] <= self.batch_tokens):
+                   and (n + 1) * groups[start][0] <= self.batch_tokens
+                   and groups[start + n][0] >= _MIN_FILL * groups[start][0]):
                 n += 1
             chunk = groups[start : start + n]
             start += n
@@ -531,6 +554,7 @@ class FastLM(HFLM):
                 self.stats["shared_prefix_tokens"] += plen * (len(members) - 1)  # tokens not recomputed
             cache = _new_dynamic_cache(self.model.config)
             self._base(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True)
+            self.stats["forward_tokens"] += ids.numel()
             layers = _cache_layers(cache)
             rows = [(r, u) for r, (_, members) in enumerate(chunk) for u in members]
             self._run_remainders(chunk, layers, rows, results, robust, bar)
@@ -549,7 +573,10 @@ class FastLM(HFLM):
             width = len(rows[start][1].tokens) - chunk[rows[start][0]][0]
             n, longest = 1, chunk[rows[start][0]][0]
             while start + n < len(rows) and n < self.max_batch and (n + 1) * width <= self.batch_tokens:
-                longest_next = max(longest, chunk[rows[start + n][0]][0])
+                g, u = rows[start + n]
+                if len(u.tokens) - chunk[g][0] < _MIN_FILL * width:
+                    break
+                longest_next = max(longest, chunk[g][0])
                 if (n + 1) * (longest_next + width) > kv_budget:
                     break
                 longest = longest_next
@@ -569,6 +596,7 @@ class FastLM(HFLM):
             hidden = self._base(input_ids=ids.to(self.device), position_ids=positions,
                                 attention_mask=mask.unsqueeze(1), past_key_values=cache,
                                 use_cache=True).last_hidden_state
+            self.stats["forward_tokens"] += ids.numel()
             sel_rows, sel_cols = [], []
             for r, (g, u) in enumerate(batch):
                 end = len(u.tokens) - chunk[g][0]
@@ -629,7 +657,7 @@ class FastLM(HFLM):
     # -- generation -------------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        if self._base is None:
+        if not self._own_schedule():
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         results: list = [None] * len(requests)

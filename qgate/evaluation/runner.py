@@ -1,6 +1,6 @@
 """Run a suite's tasks through lm-eval on an already-loaded (possibly quantized) model.
 
-The model object is handed to lm-eval through make_lm (an HFLM around it); tasks come from lm-eval's
+The model object is handed to lm-eval through make_lm (qgate's FastLM, an HFLM); tasks come from lm-eval's
 registry (hub data) or from qgate's own task folders (qgate/evaluation/tasks, offline data). Every
 sample's prompt, output and scores are kept, so baseline and candidate can be compared sample by sample.
 """
@@ -66,11 +66,16 @@ class TaskResult:
 
 
 def make_lm(model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None, **kw):
-    """The lm-eval LM around an already-loaded transformers model: every evaluation goes through here."""
-    from lm_eval.models.huggingface import HFLM
+    """The lm-eval LM around an already-loaded transformers model: every evaluation goes through here.
+
+    qgate's FastLM (qgate.evaluation.fast_lm): the answers of lm-eval's HFLM at batch size 1, computed
+    faster. It schedules its own batches, so `batch_size` is accepted for callers and not used; FastLM's
+    own options (max_batch, batch_tokens, decode, ...) pass through **kw.
+    """
+    from qgate.evaluation.fast_lm import FastLM
 
     with _quiet_lm_eval():  # HFLM warns that an in-memory model skips its loading options: expected here
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, **kw)
+        return FastLM(model, tokenizer, max_length=max_length, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
