@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -26,6 +27,10 @@ class QgateGroup(click.Group):
 @click.version_option(__version__, prog_name="qgate")
 def cli():
     """Decide whether a quantized LLM checkpoint may ship."""
+    from qgate.progress import quiet_library_bars, use_bar
+
+    if not use_bar():  # plain lines (CI, logs): the libraries' own bars are silenced too
+        quiet_library_bars()
 
 
 @cli.command("formats")
@@ -141,7 +146,6 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
     a run that was killed resumes where it stopped. Progress goes to stderr, the summary to stdout.
     """
-    import os
 
     from qgate.gate import run_gate
     from qgate.summary import console_text, junit_xml, markdown
@@ -390,17 +394,14 @@ def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, rando
 @click.option("--suite", default="smoke", show_default=True, help="Suite name (smoke, standard, full) or YAML file.")
 @click.option("--limit", type=int, default=None, help="At most N samples per task (overrides the suite's limits).")
 @click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="lm-eval batch size.")
+@click.option("--max-batch", type=int, default=None,
+              help="At most N sequences per forward pass (default: the evaluation adapter's own, 32).")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every task result (with all samples) to this JSON file.")
-def eval_cmd(family, member, fmt, suite, limit, tasks, batch_size, device, json_path):
+def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_path):
     """Evaluate a model (optionally fake-quantized) on a suite and print task, metric, value, stderr, n."""
-    import os
     import time
-
-    if not sys.stderr.isatty():  # off a terminal, quiet the bars that honour TQDM_DISABLE; per-task lines follow
-        os.environ.setdefault("TQDM_DISABLE", "1")
 
     from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
     from qgate.evaluation.suite import load_suite
@@ -424,7 +425,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, batch_size, device, json_
 
         quantize_model(loaded.model, fmt)
         click.echo(f"fake-quantized into {fmt}", err=True)
-    lm = make_lm(loaded.model, loaded.tokenizer, batch_size=batch_size)
+    lm = make_lm(loaded.model, loaded.tokenizer, **({} if max_batch is None else {"max_batch": max_batch}))
     results = []
     for task in selected:
         started = time.time()

@@ -27,6 +27,28 @@ def use_bar(stream: TextIO | None = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and os.environ.get("TERM", "") != "dumb"
 
 
+def quiet_library_bars() -> None:
+    """Silence the libraries' own tqdm bars (transformers' weight loading, lm-eval's request loops).
+
+    Off a terminal their carriage-return redraws would fill CI logs. TQDM_DISABLE only sets a default,
+    and lm-eval passes ``disable=`` explicitly, so the constructor is wrapped to force it.
+    """
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import tqdm.std
+
+    cls = tqdm.std.tqdm
+    if getattr(cls, "_qgate_quiet", False):
+        return
+    original = cls.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    cls.__init__ = quiet_init
+    cls._qgate_quiet = True
+
+
 class Progress:
     def __init__(self, total: int, label: str = "qgate", stream: TextIO | None = None, enabled: bool = True,
                  bar: bool | None = None):

@@ -217,6 +217,8 @@ def test_qgate_eval_cli_prints_the_table():
         capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # off a terminal: plain lines only, no library progress bars redrawn with carriage returns
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split() == ["task", "metric", "value", "stderr", "n"]
     rows = {line.split()[0]: line.split() for line in lines[1:] if not line.startswith(" ")}
