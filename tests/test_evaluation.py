@@ -209,6 +209,16 @@ def test_evaluate_runs_a_subset_and_rejects_unknown_tasks(smol):
         evaluate(model, tok, small, tasks=["nope"], lm=lm)
 
 
+def test_a_hub_task_offline_is_one_clear_error(smol):
+    """standard/full read lm-eval's hub datasets: offline and uncached that is an error naming the task
+    and the way out, not a traceback (the test process is offline: conftest)."""
+    model, tok, lm = smol
+    gsm8k = load_suite("standard").task("gsm8k")
+    assert not gsm8k.offline
+    with pytest.raises(QgateError, match=r"task gsm8k: .*Hugging Face Hub.*openai/gsm8k.*--suite smoke"):
+        evaluate_task(model, tok, gsm8k, limit=1, lm=lm)
+
+
 @pytest.mark.slow
 def test_qgate_eval_cli_prints_the_table():
     proc = subprocess.run(

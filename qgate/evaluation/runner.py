@@ -162,25 +162,43 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
             where = "qgate's task folders" + ("" if task.offline else " or lm-eval's registry")
             raise QgateError(f"task {task.name}: lm_eval_task {task.lm_eval_task!r} not found in {where}")
         gen_kwargs = {**(task.generation or {}), "do_sample": False, "temperature": 0.0}  # always greedy
-        out = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task.lm_eval_task],
-            num_fewshot=task.num_fewshot,
-            limit=effective_limit,
-            gen_kwargs=gen_kwargs,
-            task_manager=tm,
-            log_samples=True,
-            apply_chat_template=task.chat_template,
-            fewshot_as_multiturn=task.fewshot_as_multiturn and task.chat_template,
-            system_instruction=task.system_instruction,
-            random_seed=task.seed,
-            numpy_random_seed=task.seed,
-            torch_random_seed=task.seed,
-            fewshot_random_seed=task.seed,
-            bootstrap_iters=STDERR_BOOTSTRAP,
-            confirm_run_unsafe_code=True,  # qgate's humaneval runs programs only in its sandbox
-        )
+        with _hub_data_errors(task):
+            out = _simple_evaluate(lm_eval, lm, task, tm, effective_limit, gen_kwargs)
     return _to_task_result(task, out, datafile, effective_limit, time.time() - started)
+
+
+@contextlib.contextmanager
+def _hub_data_errors(task: TaskSpec):
+    """A hub dataset that cannot be fetched (offline, no cache) is one clear line, not a traceback."""
+    try:
+        yield
+    except ConnectionError as e:  # datasets and huggingface_hub raise (subclasses of) ConnectionError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QgateError(
+            f"task {task.name}: its dataset could not be fetched from the Hugging Face Hub and is not in the "
+            f"local cache ({reason}); run once with network access to fill the cache (HF_HOME), or use the "
+            "offline suite: --suite smoke") from None
+
+
+def _simple_evaluate(lm_eval, lm, task: TaskSpec, tm, limit, gen_kwargs):
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task.lm_eval_task],
+        num_fewshot=task.num_fewshot,
+        limit=limit,
+        gen_kwargs=gen_kwargs,
+        task_manager=tm,
+        log_samples=True,
+        apply_chat_template=task.chat_template,
+        fewshot_as_multiturn=task.fewshot_as_multiturn and task.chat_template,
+        system_instruction=task.system_instruction,
+        random_seed=task.seed,
+        numpy_random_seed=task.seed,
+        torch_random_seed=task.seed,
+        fewshot_random_seed=task.seed,
+        bootstrap_iters=STDERR_BOOTSTRAP,
+        confirm_run_unsafe_code=True,  # qgate's humaneval runs programs only in its sandbox
+    )
 
 
 def evaluate(model, tokenizer, suite: Suite, limit: int | None = None, tasks: list[str] | None = None,
