@@ -198,12 +198,15 @@ class TaskBench:
         return same_requests and same_samples
 
 
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= LL_TOLERANCE + ROLLING_RELATIVE * abs(a)
+
+
 def same_answer(kind: str, a, b) -> tuple[bool, float | None]:
     if kind == "generate_until":
         return a == b, None
     if kind == "loglikelihood_rolling":
-        diff = abs(float(a) - float(b))
-        return diff <= LL_TOLERANCE + ROLLING_RELATIVE * abs(float(a)), diff
+        return _close(float(a), float(b)), abs(float(a) - float(b))
     diff = abs(float(a[0]) - float(b[0]))
     return diff <= LL_TOLERANCE and bool(a[1]) == bool(b[1]), diff
 
@@ -230,10 +233,6 @@ def count_tokens(tokenizer, calls: Calls) -> int:
         else:
             total += len(tokenizer(args[0])["input_ids"])
     return total
-
-
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= LL_TOLERANCE + ROLLING_RELATIVE * abs(a)
 
 
 def compare_samples(a: list[dict], b: list[dict]) -> int:

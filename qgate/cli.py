@@ -425,7 +425,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_p
 
         quantize_model(loaded.model, fmt)
         click.echo(f"fake-quantized into {fmt}", err=True)
-    lm = make_lm(loaded.model, loaded.tokenizer, **({} if max_batch is None else {"max_batch": max_batch}))
+    lm = make_lm(loaded.model, loaded.tokenizer, max_batch=max_batch)
     results = []
     for task in selected:
         started = time.time()

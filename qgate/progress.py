@@ -30,10 +30,9 @@ def use_bar(stream: TextIO | None = None) -> bool:
 def quiet_library_bars() -> None:
     """Silence the libraries' own tqdm bars (transformers' weight loading, lm-eval's request loops).
 
-    Off a terminal their carriage-return redraws would fill CI logs. TQDM_DISABLE only sets a default,
-    and lm-eval passes ``disable=`` explicitly, so the constructor is wrapped to force it.
+    Off a terminal their carriage-return redraws would fill CI logs. tqdm's TQDM_DISABLE only sets a
+    default, and lm-eval passes ``disable=`` explicitly, so the constructor is wrapped to force it.
     """
-    os.environ.setdefault("TQDM_DISABLE", "1")
     import tqdm.std
 
     cls = tqdm.std.tqdm

@@ -40,7 +40,7 @@ def smol():
     from qgate.models import load
 
     loaded = load("smollm2", device="cpu", progress=False)
-    lm = make_lm(loaded.model, loaded.tokenizer, batch_size=4)
+    lm = make_lm(loaded.model, loaded.tokenizer)
     return loaded.model, loaded.tokenizer, lm
 
 

@@ -50,7 +50,7 @@ def stock_lm_eval(folder, task: str, limit: int, num_fewshot: int, seed: int):
 def test_qgate_matches_stock_lm_eval_hf(smol, name, limit):
     folder, model, tokenizer = smol
     task = load_suite("smoke").task(name)
-    ours = evaluate_task(model, tokenizer, task, limit=limit, lm=make_lm(model, tokenizer, batch_size=BATCH))
+    ours = evaluate_task(model, tokenizer, task, limit=limit, lm=make_lm(model, tokenizer))
     theirs, their_samples = stock_lm_eval(folder, task.lm_eval_task, limit, task.num_fewshot, task.seed)
 
     assert ours.n == len(their_samples) == limit

@@ -24,7 +24,6 @@ from qgate.errors import QgateError
 from qgate.evaluation.suite import Suite, TaskSpec
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-DEFAULT_BATCH_SIZE = 8
 PERPLEXITY_COUNTS = {"word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
 STDERR_BOOTSTRAP = 1000  # resamples for corpus-level perplexity stderr (lm-eval reports none for these)
 
@@ -65,12 +64,12 @@ class TaskResult:
 # the lm-eval model object
 
 
-def make_lm(model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None, **kw):
+def make_lm(model, tokenizer, max_length: int | None = None, **kw):
     """The lm-eval LM around an already-loaded transformers model: every evaluation goes through here.
 
     qgate's FastLM (qgate.evaluation.fast_lm): the answers of lm-eval's HFLM at batch size 1, computed
-    faster. It schedules its own batches, so `batch_size` is accepted for callers and not used; FastLM's
-    own options (max_batch, batch_tokens, decode, ...) pass through **kw.
+    faster, on batches it schedules itself; its options (max_batch, batch_tokens, decode, ...) pass
+    through **kw.
     """
     from qgate.evaluation.fast_lm import FastLM
 
@@ -147,8 +146,6 @@ def _hub_docs_sha(task: TaskSpec, limit: int | None) -> str:
 
 def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm=None) -> TaskResult:
     """Evaluate one task of a suite; `limit` (if given) overrides the suite's sample cap."""
-    import lm_eval
-
     started = time.time()
     lm = lm if lm is not None else make_lm(model, tokenizer)
     tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
@@ -163,7 +160,7 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
             raise QgateError(f"task {task.name}: lm_eval_task {task.lm_eval_task!r} not found in {where}")
         gen_kwargs = {**(task.generation or {}), "do_sample": False, "temperature": 0.0}  # always greedy
         with _hub_data_errors(task):
-            out = _simple_evaluate(lm_eval, lm, task, tm, effective_limit, gen_kwargs)
+            out = _simple_evaluate(lm, task, tm, effective_limit, gen_kwargs)
     return _to_task_result(task, out, datafile, effective_limit, time.time() - started)
 
 
@@ -180,7 +177,9 @@ def _hub_data_errors(task: TaskSpec):
             "offline suite: --suite smoke") from None
 
 
-def _simple_evaluate(lm_eval, lm, task: TaskSpec, tm, limit, gen_kwargs):
+def _simple_evaluate(lm, task: TaskSpec, tm, limit, gen_kwargs):
+    import lm_eval
+
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=[task.lm_eval_task],
