@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
+from qgate.hf_cache import cache_argument
 from qgate.formats import SCALE_E4M3_FP32, SCALE_FP32_TENSOR
 
 KEEP = "keep"
@@ -554,10 +555,11 @@ class KVCacheQuantizer:
     def __call__(self, module, args, kwargs):
         from transformers import DynamicCache
 
-        cache = kwargs.get("past_key_values")
+        name = cache_argument()
+        cache = kwargs.get(name)
         if cache is None:
             cache = DynamicCache(config=self.config)
-        kwargs["past_key_values"] = self.wrap(cache)
+        kwargs[name] = self.wrap(cache)
         return args, kwargs
 
 
@@ -769,10 +771,9 @@ def quantize_model(
         kv_name = kv_fmt.name
         import inspect
 
-        if "past_key_values" not in inspect.signature(model.forward).parameters:
-            raise QgateError(
-                f"kv_quant needs a model whose forward takes past_key_values; {type(model).__name__} does not"
-            )
+        if cache_argument() not in inspect.signature(model.forward).parameters:
+            raise QgateError(f"kv_quant needs a model whose forward takes a KV cache (argument "
+                             f"{cache_argument()!r} in this transformers release); {type(model).__name__} does not")
         quantizer = KVCacheQuantizer(kv_fmt, backend_for(first_param.device), getattr(model, "config", None))
         hooks.append(model.register_forward_pre_hook(quantizer, with_kwargs=True))
 

@@ -18,22 +18,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from qgate.evaluation.fast_lm import FastLM, _one_row_products  # noqa: E402
+from tiny import byte_tokenizer  # noqa: E402
 
 LL_TOL = 1e-4
-
-
-def byte_tokenizer():
-    """One token per byte plus an end-of-text token: a real, offline tokenizer for tiny models."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(BPE(vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
 
 
 def gen(i, context, until=("\n\n",), max_gen_toks=24, **extra):

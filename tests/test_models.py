@@ -15,22 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from qgate import models  # noqa: E402
 from qgate.errors import QgateError  # noqa: E402
-
-
-def byte_tokenizer():
-    """A small real tokenizer (byte-level BPE, no merges: one token per byte) so that a tiny model
-    directory is complete and offline; transformers rebuilds it as a Qwen2 tokenizer without loss."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(BPE(vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+from tiny import byte_tokenizer  # noqa: E402
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from qgate import quantize as q
 from qgate.cli import cli
 from qgate.errors import QgateError
 from qgate.formats import fake_quantize
+from qgate.hf_cache import cache_argument, output_cache
 from qgate.models import build_tiny_model
 
 DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -315,15 +316,15 @@ def test_kv_cache_quantization_quantizes_keys_after_rope_and_values():
         full = model(ids)
         no_cache = model(ids, use_cache=False)  # quantized too: every forward path agrees
         first = model(ids[:, :7])
-        step = model(ids[:, 7:], past_key_values=first.past_key_values)
-    layer = full.past_key_values.layers[1]
+        step = model(ids[:, 7:], **{cache_argument(): output_cache(first)})
+    layer = output_cache(full).layers[1]
     assert torch.equal(fake_quantize(layer.keys, "mxfp4"), layer.keys)
     assert torch.equal(fake_quantize(layer.values, "mxfp4"), layer.values)
     # layer 0's stored keys and values are the quantized post-RoPE ones of the unquantized run
     # (later layers see inputs already changed by the quantized cache of the layers before them)
     for kind in ("keys", "values"):
-        stored = getattr(full.past_key_values.layers[0], kind)
-        assert torch.equal(stored, fake_quantize(getattr(reference.past_key_values.layers[0], kind), "mxfp4"))
+        stored = getattr(output_cache(full).layers[0], kind)
+        assert torch.equal(stored, fake_quantize(getattr(output_cache(reference).layers[0], kind), "mxfp4"))
     assert not torch.equal(full.logits, reference.logits)
     assert torch.equal(no_cache.logits, full.logits)
     assert torch.allclose(step.logits, full.logits[:, 7:], atol=1e-5)
@@ -525,6 +526,6 @@ def test_cuda_bf16_quantization_matches_the_reference_on_cpu():
         assert torch.equal(params[name].cpu(), expected), name
     with torch.no_grad():
         out = model(_ids().cuda())
-    keys = out.past_key_values.layers[0].keys
+    keys = output_cache(out).layers[0].keys
     assert torch.equal(fake_quantize(keys, "mxfp8_e4m3"), keys)
     assert torch.isfinite(out.logits).all()

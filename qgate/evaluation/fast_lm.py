@@ -46,6 +46,8 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from qgate.hf_cache import cache_argument
+
 # Generation-config fields that add logits processors to greedy decoding, with their neutral values.
 # repetition_penalty is implemented here; any other active one sends the request to HFLM.
 _UNSUPPORTED_GREEDY_SETTINGS = {
@@ -553,7 +555,7 @@ class FastLM(HFLM):
                 ids[r, :plen] = torch.tensor(members[0].tokens[:plen], dtype=torch.long)
                 self.stats["shared_prefix_tokens"] += plen * (len(members) - 1)  # tokens not recomputed
             cache = _new_dynamic_cache(self.model.config)
-            self._base(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True)
+            self._base(input_ids=ids.to(self.device), **{cache_argument(): cache}, use_cache=True)
             self.stats["forward_tokens"] += ids.numel()
             layers = _cache_layers(cache)
             rows = [(r, u) for r, (_, members) in enumerate(chunk) for u in members]
@@ -594,7 +596,7 @@ class FastLM(HFLM):
             mask = (col < plens.view(-1, 1, 1)) | ((col >= longest) & (col - longest <= q))
             cache = _PrefixCache(layers, [g for g, _ in batch], longest, width)
             hidden = self._base(input_ids=ids.to(self.device), position_ids=positions,
-                                attention_mask=mask.unsqueeze(1), past_key_values=cache,
+                                attention_mask=mask.unsqueeze(1), **{cache_argument(): cache},
                                 use_cache=True).last_hidden_state
             self.stats["forward_tokens"] += ids.numel()
             sel_rows, sel_cols = [], []
@@ -804,7 +806,7 @@ class FastLM(HFLM):
         """Run one prompt alone, exactly as generate() at batch size 1 does; return its KV and first token."""
         ids = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
         cache = _new_dynamic_cache(self.model.config)
-        hidden = self._base(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
         logits = self._head_logits(hidden[:, -1:, :])[:, -1].float()
         if row.penalty != 1.0:
             row.seen = ids[0]
@@ -839,7 +841,7 @@ class FastLM(HFLM):
         dummy_mask = torch.ones(len(active), 1, 1, 1, dtype=torch.bool, device=self.device)
         with _one_row_products(), _per_row_attention():
             hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=dummy_mask,
-                                past_key_values=_RowCache(slots, active), use_cache=True).last_hidden_state
+                                **{cache_argument(): _RowCache(slots, active)}, use_cache=True).last_hidden_state
         scores = self._head_logits(hidden)[:, -1].float()
         if any(row.penalty != 1.0 for row in active):
             scores = self._penalize(scores, active)
@@ -893,7 +895,7 @@ class FastLM(HFLM):
         span = torch.arange(slots.length, device=self.device).view(1, -1)
         mask = (span <= positions).view(len(active), 1, 1, slots.length)
         hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=mask,
-                            past_key_values=slots, use_cache=True).last_hidden_state
+                            **{cache_argument(): slots}, use_cache=True).last_hidden_state
         scores = self._head_logits(hidden)[:, -1].float()
         if any(row.penalty != 1.0 for row in active):
             scores = self._penalize(scores, active)
