@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
 
 from qgate import __version__
 from qgate.errors import QgateError
+from qgate.evaluation.suite import load_suite, suite_task_names
+from qgate.policy import load_policy
+from qgate.review.changes import policy_table
+from qgate.review.output import review_markdown, review_text
+from qgate.review.redecide import diff, redecide
+from qgate.summary import append_step_summary, console_text, junit_xml, markdown
 
 
 class QgateGroup(click.Group):
@@ -148,9 +155,6 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     """
 
     from qgate.gate import run_gate
-    from qgate.summary import console_text, junit_xml, markdown
-
-    import signal
 
     def _terminated(signum, frame):  # CI cancels with SIGTERM: record the run as interrupted, like Ctrl-C
         raise KeyboardInterrupt
@@ -167,10 +171,7 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     if junit:
         with open(junit, "w", encoding="utf-8") as fh:
             fh.write(junit_xml(data))
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as fh:
-            fh.write(markdown(data))
+    append_step_summary(markdown(data))
     sys.exit(result.exit_code)
 
 
@@ -183,10 +184,8 @@ def policy_group():
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def policy_check_cmd(files):
     """Validate policy FILES: one line per problem (file:line: key: what), exit 2 if any."""
-    from qgate.policy import load_policy
-
     for path in files:
-        policy = load_policy(path)
+        policy = load_policy(path, suite_tasks=suite_task_names)
         click.echo(f"{path}: ok ({policy.family}: {len(policy.members)} member(s), "
                    f"{len(policy.formats)} format(s), fallback {[c.format for c in policy.fallback]}, "
                    f"{len(policy.tasks)} task threshold(s), hash {policy.hash[:12]})")
@@ -199,17 +198,13 @@ def policy_check_cmd(files):
 @click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
 def policy_show_cmd(family, policy_path, as_json):
     """Print FAMILY's thresholds per task of its suite as a table (for policy-file reviews)."""
-    from qgate.policy import load_policy, policy_table
-
-    policy = load_policy(policy_path or family)
+    policy = load_policy(policy_path or family, suite_tasks=suite_task_names)
     if as_json:
         click.echo(json.dumps(dict(policy.to_dict(), hash=policy.hash, path=policy.path), indent=2))
         return
     try:
-        from qgate.evaluation import load_suite
-
         suite = load_suite(policy.suite)
-    except (ImportError, QgateError):
+    except QgateError:
         suite = None
     click.echo(policy_table(policy, suite))
 
@@ -231,11 +226,9 @@ def policy_diff_cmd(old, new, db, as_json):
     """What changing policy OLD into NEW changes: settings in words, and stored decisions re-decided
     under NEW from stored per-sample results (no model is loaded). OLD and NEW are files or REV:path
     (read with git show, e.g. main:policies/smollm2.yaml). Markdown goes to $GITHUB_STEP_SUMMARY when set."""
-    from qgate.policy_review import diff, review_markdown, review_text, write_step_summary
-
     review = diff(old, new, db)
     click.echo(json.dumps(review.to_dict(), indent=2) if as_json else review_text(review))
-    write_step_summary(review_markdown(review))
+    append_step_summary(review_markdown(review))
     sys.exit(review.exit_code)
 
 
@@ -247,8 +240,6 @@ def policy_diff_cmd(old, new, db, as_json):
 def policy_redecide_cmd(run, policy_spec, db, as_json):
     """Decide stored RUN (a number or 'latest') again under another policy, from its stored samples, and
     record it as a new decision set; earlier sets stay and the report shows them as history."""
-    from qgate.policy_review import redecide
-
     result = redecide(run, policy_spec, db)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text())
 

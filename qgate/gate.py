@@ -1,8 +1,9 @@
 """The gate runner: policy -> plan -> baseline -> candidate -> decide -> fallback -> record.
 
-It orchestrates only: numbers come from qgate.stats/qgate.policy, SQL from qgate.store, models from
-qgate.models, quantization from qgate.quantize, evaluation from qgate.evaluation, output from
-qgate.summary. Everything a run needs is validated before the database is opened, so a bad policy,
+It orchestrates only: decisions come from qgate.decide (the same engine a policy review uses, here
+with evidence evaluated on demand), keys from qgate.keys, SQL from qgate.store, models from
+qgate.models, quantization from qgate.quantize, evaluation from qgate.evaluation, the report from
+qgate.report. Everything a run needs is validated before the database is opened, so a bad policy,
 family or format leaves no trace. Every evaluation is keyed by content hashes and looked up before
 anything is loaded: a member whose evaluations are all stored is never loaded at all, and a run
 that was killed resumes from what its predecessor stored.
@@ -26,44 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from qgate import __version__
+from qgate.canonical import content_hash, json_safe
+from qgate.decide import ChainOutcome, Evidence, TaskVerdict, walk_chain, worst_outcome
 from qgate.errors import QgateError
+from qgate.evaluation.suite import load_suite, suite_task_names
+from qgate.formats import get_format
+from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config
+from qgate.policy import MemberPolicy, load_policy
+from qgate.progress import Progress
+from qgate.report.render import render_run
+from qgate.store import open_store, redact_url, utcnow
 
 EXIT_SHIPS = 0
 EXIT_BLOCKED = 1
 EXIT_USAGE = 2
 EXIT_FALLBACK = 3
 OUTCOME_EXIT = {"ships": EXIT_SHIPS, "blocked": EXIT_BLOCKED, "fallback": EXIT_FALLBACK}
-BASELINE = "bf16"  # the format name the unquantized baseline is recorded under
-
-
-@dataclass
-class TaskVerdict:
-    member: str
-    format: str
-    role: str  # candidate | fallback
-    task: str
-    decision: Any  # qgate.policy.Decision
-    effect: str  # pass | warn | fail (what it does to the gate)
-    blocking: bool
-
-    def to_dict(self) -> dict:
-        d = self.decision.to_dict()
-        d.update(member=self.member, format=self.format, role=self.role, task=self.task, effect=self.effect,
-                 blocking=self.blocking)
-        return d
-
-
-@dataclass
-class MemberOutcome:
-    member: str
-    format: str  # the requested candidate format
-    outcome: str  # ships | fallback | blocked
-    shipped_format: str | None
-    reasons: list[str]
-
-    def to_dict(self) -> dict:
-        return {"member": self.member, "format": self.format, "outcome": self.outcome,
-                "shipped_format": self.shipped_format, "reasons": list(self.reasons)}
 
 
 @dataclass
@@ -77,7 +57,7 @@ class GateResult:
     db_url: str
     outcome: str  # ships | fallback | blocked (the worst over members x formats)
     exit_code: int
-    members: list[MemberOutcome]
+    members: list[ChainOutcome]
     tasks: list[TaskVerdict]
     evaluations_run: int
     evaluations_cached: int
@@ -88,21 +68,13 @@ class GateResult:
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN/inf become null)."""
-        from qgate.store import _json_safe
-
-        return _json_safe({"run_id": self.run_id, "family": self.family, "formats": self.formats, "suite": self.suite,
-                "policy": self.policy_path, "policy_hash": self.policy_hash, "db": _redact(self.db_url),
+        return json_safe({"run_id": self.run_id, "family": self.family, "formats": self.formats, "suite": self.suite,
+                "policy": self.policy_path, "policy_hash": self.policy_hash, "db": redact_url(self.db_url),
                 "outcome": self.outcome, "exit_code": self.exit_code,
                 "members": [m.to_dict() for m in self.members], "tasks": [t.to_dict() for t in self.tasks],
                 "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
                 "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
                 "report": self.report_path, "notes": list(self.notes)})
-
-
-def _redact(url: str) -> str:
-    from qgate.store import _redact as redact
-
-    return redact(url)
 
 
 # ---- what a run is about, resolved before the database is touched ------------------------------------
@@ -130,12 +102,9 @@ class _Setup:
 def _resolve(family: str, formats: Sequence[str] | None, member: str | None, suite: str | None,
              policy: str | os.PathLike | None, backend: str | None, limit: int | None,
              device: str | None, dtype: str | None) -> _Setup:
-    from qgate.formats import get_format
-    from qgate.policy import load_policy
-
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit {limit}: expected a positive number of samples per task")
-    pol = load_policy(policy if policy is not None else family)
+    pol = load_policy(policy if policy is not None else family, suite_tasks=suite_task_names)
     if pol.family != family:
         raise QgateError(f"policy {pol.path} is for family {pol.family!r}, not {family!r}")
 
@@ -149,80 +118,41 @@ def _resolve(family: str, formats: Sequence[str] | None, member: str | None, sui
             raise QgateError(f"--format {name}: that is the unquantized baseline; give a quantized format")
         checked.append(fmt.name)
 
+    import torch
+
+    from qgate.backends import get_backend
     from qgate.models import default_device, resolve_dtype, resolve_member
 
     names = [m.name for m in pol.members]
     chosen = [m for m in pol.members if member is None or m.name == member]
     if member is not None and not chosen:
-        from qgate.policy import MemberPolicy
-
         chosen = [MemberPolicy(member)]  # any member of the family, even one the policy does not list
     members = [_MemberPlan(m.name, resolve_member(family, m.name, m.model, m.revision)) for m in chosen]
     if not members:
         raise QgateError(f"policy {pol.path} lists no members (members: {names})")
 
-    from qgate.evaluation import load_suite
-
     suite_obj = load_suite(suite or pol.suite)
-    import torch
-
     try:
         dev = torch.device(device) if device else default_device()
     except RuntimeError:
         raise QgateError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     dt = resolve_dtype(dtype, dev)
-    from qgate.backends import get_backend
-
     backend_obj = get_backend(backend, device=dev)
     return _Setup(pol, checked, members, suite_obj, limit, backend_obj.name, dev, dt)
 
 
-# ---- keys ---------------------------------------------------------------------------------------------
-
 def checkpoint_identity(spec) -> tuple[str, str | None]:
     """(checkpoint id, file hash) of a resolved member without loading it."""
-    from qgate import models
+    from qgate.models import checkpoint_hash
 
-    own = getattr(models, "checkpoint_hash", None)
-    if callable(own):
-        ident = own(spec)
-        return ident, ident.split(":", 1)[1] if ident.startswith("sha256:") else None
-    if spec.source == "gguf":
-        sha = models.file_sha256(spec.location)
-        return f"sha256:{sha}", sha
-    if spec.source == "dir":
-        sha = models.directory_hash(spec.location)
-        return f"sha256:{sha}", sha
-    folder = models._hub_snapshot(spec)  # snapshot folders are named by the commit sha
-    return f"git:{folder.name}", None
-
-
-def planned_quant_config(fmt: str, recipe: Any, backend_name: str) -> dict:
-    """QuantizationResult.config() as quantizing would report it, computed without a model."""
-    from qgate.quantize import QuantizationResult, load_recipe
-
-    return QuantizationResult(format=fmt, recipe=load_recipe(recipe), backend=backend_name, promote=None,
-                              act_quant=None, kv_quant=None, tensors=[], kept=[], untied=[],
-                              quantized_bytes=0.0, bf16_bytes=0.0, params=0).config()
-
-
-def effective_limit(task_spec, limit: int | None) -> int | None:
-    """--limit caps the suite's own per-task limit (it never raises it)."""
-    if limit is None:
-        return task_spec.limit
-    return limit if task_spec.limit is None else min(limit, task_spec.limit)
-
-
-def task_config(task_spec, limit: int | None) -> dict:
-    return {"task": task_spec.to_dict(), "limit": effective_limit(task_spec, limit)}
+    ident = checkpoint_hash(spec)
+    return ident, ident.split(":", 1)[1] if ident.startswith("sha256:") else None
 
 
 # ---- the run ------------------------------------------------------------------------------------------
 
 def _versions() -> dict:
     from importlib import metadata
-
-    from qgate import __version__
 
     out = {"qgate": __version__, "python": platform.python_version()}
     for dist in ("torch", "transformers", "lm_eval", "sqlalchemy", "numpy"):
@@ -268,14 +198,10 @@ class _Runner:
         self.evaluations_cached = 0
         self.models_loaded = 0
         self.loaded = None  # (member name, format, LoadedModel)
-        from qgate import __version__
-
         self.version = __version__
         self.runtime = {"device": setup.device.type, "dtype": str(setup.dtype).removeprefix("torch.")}
         self.task_ids = {}
         for t in setup.suite.tasks:
-            from qgate.store import content_hash
-
             cfg = task_config(t, setup.limit)
             self.task_ids[t.name] = content_hash(cfg)
             store.put_task_config(self.task_ids[t.name], task=t.name, config=cfg)
@@ -288,17 +214,13 @@ class _Runner:
         if fmt == BASELINE:
             return None
         if fmt not in self.quant_ids:
-            from qgate.store import content_hash
-
             choice = self.s.policy.format_choice(fmt)
-            cfg = planned_quant_config(fmt, choice.recipe, self.s.backend_name)
+            cfg = quant_config(fmt, choice.recipe, self.s.backend_name)
             self.quant_configs[fmt] = cfg
             self.quant_ids[fmt] = content_hash(cfg)
         return self.quant_ids[fmt]
 
     def key(self, m: _MemberPlan, fmt: str, task_name: str) -> str:
-        from qgate.store import evaluation_key
-
         return evaluation_key(m.checkpoint_id, self.quant_id(fmt), self.task_ids[task_name], self.version,
                               self.runtime)
 
@@ -326,7 +248,6 @@ class _Runner:
 
     def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
         from qgate.quantize import quantize_model
-        from qgate.store import content_hash
 
         choice = self.s.policy.format_choice(fmt)
         planned_id = self.quant_id(fmt)
@@ -368,8 +289,7 @@ class _Runner:
         return keys
 
     def _evaluate(self, m: _MemberPlan, fmt: str, role: str, task_spec, key: str, lm) -> None:
-        from qgate.evaluation import evaluate_task
-        from qgate.store import utcnow
+        from qgate.evaluation.runner import evaluate_task
 
         started_at, started = utcnow(), time.perf_counter()
         result = evaluate_task(lm.model, lm.tokenizer, task_spec, limit=effective_limit(task_spec, self.s.limit))
@@ -391,22 +311,30 @@ class _Runner:
 
     # -- decisions --
 
-    def decide(self, m: _MemberPlan, fmt: str, role: str, base_keys: dict, cand_keys: dict) -> list[TaskVerdict]:
-        from qgate.policy import decide_task, gate_effect
+    def evidence(self, m: _MemberPlan, base_keys: dict[str, str]):
+        """The decision engine's evidence source for member ``m``: evaluated on demand, a format's whole
+        suite at its first task."""
+        tasks = {t.name: t for t in self.s.suite.tasks}
+        evaluated: dict[str, dict[str, str]] = {}
 
-        out = []
-        for t in self.s.suite.tasks:
-            tp = self.s.policy.task_policy(t.name)
-            metric = tp.metric or t.metric
-            if metric == t.metric:
-                hib, binary = t.higher_is_better, t.per_sample == "binary"
-            else:
-                stored = (self.store.evaluation(base_keys[t.name]) or {}).get("higher_is_better") or {}
-                hib, binary = bool(stored.get(metric, True)), None
-            decision = decide_task(self.store.samples(base_keys[t.name]), self.store.samples(cand_keys[t.name]),
-                                   tp, hib, binary, metric=metric)
-            out.append(TaskVerdict(m.name, fmt, role, t.name, decision, gate_effect(decision, tp), tp.blocking))
-        return out
+        def source(member: str, fmt: str, role: str, task: str) -> Evidence:
+            if fmt not in evaluated:
+                if role == "fallback":
+                    self.bar.total += len(tasks)
+                    self.bar.note(f"{member}: {self.requested} is blocked; trying fallback {fmt}")
+                evaluated[fmt] = self.ensure(m, fmt, role)
+            base = self.store.evaluation(base_keys[task]) or {}
+            return Evidence(self.store.samples(base_keys[task]), self.store.samples(evaluated[fmt][task]),
+                            tasks[task].to_dict(), base.get("higher_is_better") or {})
+
+        return source
+
+    def note(self, decided: list[TaskVerdict]) -> None:
+        for v in decided:
+            self.bar.note(f"{v.member} {v.format}: {v.decision.reason}"
+                          + ("" if v.blocking else " [advisory]")
+                          + (" [counts as fail]" if v.decision.verdict == "inconclusive" and v.effect == "fail"
+                             else ""))
 
 
 def run_gate(family: str, formats: Sequence[str] | None = None, member: str | None = None,
@@ -419,8 +347,6 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
     progress: None = a bar on a terminal, plain lines otherwise; False = silent.
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
-    from qgate.progress import Progress
-
     started = time.perf_counter()
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype)
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
@@ -429,8 +355,6 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
                    enabled=progress is not False)
     for m in setup.members:
         m.checkpoint_id, m.file_hash = checkpoint_identity(m.spec)
-
-    from qgate.store import open_store
 
     store = open_store(db)
     host = socket.gethostname()
@@ -468,48 +392,20 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
 def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateResult:
     pol = setup.policy
     runner = _Runner(setup, store, run_id, bar, log)
-    verdicts: list[TaskVerdict] = []
-    outcomes: list[MemberOutcome] = []
+    tasks = setup.suite.task_names()
+    outcomes: list[ChainOutcome] = []
     for m in setup.members:
         base_keys = runner.ensure(m, BASELINE, "baseline")
         for fmt in setup.formats:
-            chain = [(fmt, "candidate")] + [(c.format, "fallback") for c in pol.fallback if c.format != fmt]
-            shipped, reasons = None, []
-            for f, role in chain:
-                if role == "fallback":
-                    bar.total += len(setup.suite.tasks)
-                    bar.note(f"{m.name}: {fmt} is blocked; trying fallback {f}")
-                cand_keys = runner.ensure(m, f, role)
-                decided = runner.decide(m, f, role, base_keys, cand_keys)
-                verdicts += decided
-                failing = [v for v in decided if v.effect == "fail"]
-                for v in decided:
-                    bar.note(f"{m.name} {f}: {v.decision.reason}"
-                             + ("" if v.blocking else " [advisory]")
-                             + (" [counts as fail]" if v.decision.verdict == "inconclusive" and v.effect == "fail"
-                                else ""))
-                if not failing:
-                    shipped = f
-                    break
-                reasons += [f"{f}: {v.decision.reason}" for v in failing]
-            if shipped == fmt:
-                outcome = "ships"
-            elif shipped is not None:
-                outcome = "fallback"
-                reasons.append(f"ship {shipped} instead of {fmt}")
-            else:
-                outcome = "blocked"
-            outcomes.append(MemberOutcome(m.name, fmt, outcome, shipped, reasons))
+            runner.requested = fmt
+            outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
+                                       on_decided=runner.note))
     runner.loaded = None
 
-    store.record_decisions(
-        run_id, policy_hash=pol.hash,
-        decisions_rows=[dict(member=v.member, format=v.format, role=v.role, task=v.task, verdict=v.decision.verdict,
-                             reason=v.decision.reason, numbers=dict(v.decision.to_dict(), effect=v.effect,
-                                                                    blocking=v.blocking))
-                        for v in verdicts],
-        outcomes_rows=[o.to_dict() for o in outcomes])
-    worst = max((o.outcome for o in outcomes), key=lambda o: ("ships", "fallback", "blocked").index(o))
+    verdicts = [v for o in outcomes for v in o.verdicts]
+    store.record_decisions(run_id, policy_hash=pol.hash, decisions_rows=[v.row() for v in verdicts],
+                           outcomes_rows=[o.to_dict() for o in outcomes])
+    worst = worst_outcome([o.outcome for o in outcomes])
     exit_code = OUTCOME_EXIT[worst]
     store.finish_run(run_id, status="completed", outcome=worst, exit_code=exit_code)
     return GateResult(run_id=run_id, family=pol.family, formats=setup.formats, suite=setup.suite.name,
@@ -521,13 +417,6 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
 
 def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:
     if not enabled:
-        return None
-    try:
-        from qgate.report.render import render_run
-    except ImportError as exc:
-        line = f"report: not rendered (qgate.report.render is not available: {exc})"
-        notes.append(line)
-        log(line)
         return None
     try:
         return str(render_run(store, run_id, path))

@@ -1,37 +1,28 @@
-"""Policy files: what a family must keep to ship a quantized checkpoint, and task decisions under them.
+"""Policy files: the schema of what a family must keep to ship a quantized checkpoint, and its validation.
 
 A policy is YAML, one file per family (``policies/<family>.yaml``), read on top of
 ``policies/default.yaml``: every key a family file leaves out comes from the default file
-(mappings merge key by key, lists are replaced). A family that qgate knows (``qgate.models``) but
+(mappings merge key by key, lists are replaced). A family that qgate knows (``qgate.families``) but
 that has no file of its own runs under the default file alone, on its default member.
 
-Validation names the file, the line, the key path and the problem in one line, and raises
-``QgateError`` (exit 2). ``decide_task`` is pure: paired samples in, a ``Decision`` out, so stored
-runs can be decided again under another policy without any model.
-
-Decision rule (``delta`` = candidate - baseline, oriented so that a drop is bad; ``allowed`` is
-the allowed drop from ``max_drop`` or ``min_recovery``; the CI is two-sided at ``confidence``):
-  pass          the whole CI lies within the allowed drop (non-inferiority shown);
-  fail          the point estimate is beyond the allowed drop AND the drop is significant
-                (the CI excludes zero);
-  inconclusive  otherwise: the samples cannot tell. ``samples_needed`` estimates how many would.
-What an inconclusive task does to the gate is the policy's ``inconclusive``: pass, fail or warn
-(passes, flagged). A task with ``blocking: false`` is advisory: reported, never failing the gate.
+Validation names the file, the line, the key path and the problem in one line (qgate.validation),
+and raises ``QgateError`` (exit 2). What the thresholds mean is the decision engine's (qgate.decide).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import yaml
-
-from qgate import stats
+from qgate.canonical import content_hash
 from qgate.errors import QgateError
+from qgate.families import get_family, list_families
+from qgate.formats import get_format, list_formats
+from qgate.recipes import list_recipes, load_recipe
+from qgate.validation import YamlDoc, did_you_mean
 
 VERDICTS = ("pass", "fail", "inconclusive")
 INCONCLUSIVE_MEANS = ("pass", "fail", "warn")
@@ -80,6 +71,19 @@ class FormatChoice:
 
     def to_dict(self) -> dict:
         return {"format": self.format, "recipe": self.recipe}
+
+    @property
+    def recipe_text(self) -> str:
+        """The recipe in words: its name, or "<name>: N rules" for one given inline."""
+        return recipe_text(self.recipe)
+
+
+def recipe_text(recipe: Any) -> str:
+    if isinstance(recipe, dict):
+        return f"{recipe.get('name', 'inline')}: {len(recipe.get('rules') or [])} rules"
+    if isinstance(recipe, (list, tuple)):
+        return f"inline: {len(recipe)} rules"
+    return str(recipe)
 
 
 @dataclass(frozen=True)
@@ -149,77 +153,25 @@ def known_policy_families() -> list[str]:
     return sorted(names)
 
 
-# ---- YAML with line numbers ---------------------------------------------------------------------
-
-class _Doc:
-    """Parsed YAML plus the line of every key path, for error messages."""
-
-    def __init__(self, path: Path, text: str):
-        self.path = path
-        self.text = text
-        self.lines: dict[tuple, int] = {}
-        try:
-            loader = yaml.SafeLoader(text)
-            try:
-                node = loader.get_single_node()
-                self.data = loader.construct_document(node) if node is not None else None
-            finally:
-                loader.dispose()
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise QgateError(f"{path}{where}: not valid YAML: {problem}") from None
-        if node is not None:
-            self._walk(node, ())
-
-    def _walk(self, node, path: tuple) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                self._walk(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self._walk(item, path + (i,))
-
-    def error(self, path: tuple, problem: str) -> QgateError:
-        line = None
-        probe = path
-        while line is None and probe is not None:
-            line = self.lines.get(probe)
-            probe = probe[:-1] if probe else None
-        where = f"{self.path}:{line}" if line else str(self.path)
-        key = _key_path(path)
-        return QgateError(f"{where}: {key + ': ' if key else ''}{problem}")
-
-
-def _key_path(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 # ---- loading ------------------------------------------------------------------------------------
 
-def load_policy(path_or_family: str | os.PathLike, *, check_tasks: bool = True) -> Policy:
-    """Load and validate a policy: a YAML file path, or a family name (policies/<family>.yaml)."""
+# suite name -> its task names (raises QgateError for an unknown suite)
+SuiteTasks = Callable[[str], list[str]]
+
+
+def load_policy(path_or_family: str | os.PathLike, *, suite_tasks: SuiteTasks | None = None) -> Policy:
+    """Load and validate a policy: a YAML file path, or a family name (policies/<family>.yaml).
+
+    suite_tasks: when given, every task the policy names must be a task of its suite."""
     target = str(path_or_family)
     as_path = Path(target).expanduser()
     default_path = _find_in_dirs("default.yaml")
-    default_doc = _Doc(default_path, default_path.read_text()) if default_path else None
+    default_doc = YamlDoc.read(default_path) if default_path else None
 
     if as_path.suffix in (".yaml", ".yml") or os.sep in target or as_path.is_file():
         if not as_path.is_file():
             raise QgateError(f"policy file {as_path} does not exist")
-        doc = _Doc(as_path, as_path.read_text())
+        doc = YamlDoc.read(as_path)
         if default_path is not None and as_path.resolve() == default_path.resolve():
             default_doc = None
         family_from = None
@@ -227,7 +179,7 @@ def load_policy(path_or_family: str | os.PathLike, *, check_tasks: bool = True) 
         family_from = target
         found = _find_in_dirs(f"{target}.yaml")
         if found is not None:
-            doc = _Doc(found, found.read_text())
+            doc = YamlDoc.read(found)
         else:
             # no file of its own: a family qgate knows runs under the default policy
             _require_known_family(target)
@@ -235,18 +187,16 @@ def load_policy(path_or_family: str | os.PathLike, *, check_tasks: bool = True) 
                 raise QgateError(f"no policy for family {target!r}: neither policies/{target}.yaml nor "
                                  f"policies/default.yaml was found (looked in {', '.join(map(str, policy_dirs()))})")
             doc, default_doc = default_doc, None
-    return _build(doc, default_doc, family_from, check_tasks=check_tasks)
+    return _build(doc, default_doc, family_from, suite_tasks=suite_tasks)
 
 
 def _require_known_family(family: str) -> None:
-    from qgate.models import get_family, list_families
-
     try:
         get_family(family)
     except QgateError:
         known = sorted(set(list_families()) | set(known_policy_families()))
         raise QgateError(f"unknown family {family!r}: no policies/{family}.yaml and no such model family"
-                         f"{_did_you_mean(family, known)}; known families: {', '.join(known)}") from None
+                         f"{did_you_mean(family, known)}; known families: {', '.join(known)}") from None
 
 
 def _merge(base: Any, over: Any) -> Any:
@@ -258,16 +208,17 @@ def _merge(base: Any, over: Any) -> Any:
     return over
 
 
-def _build(doc: _Doc, default_doc: _Doc | None, family_from: str | None, *, check_tasks: bool) -> Policy:
+def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *,
+           suite_tasks: SuiteTasks | None) -> Policy:
     for d in (default_doc, doc):
         if d is not None and d.data is not None and not isinstance(d.data, dict):
             raise d.error((), "expected a mapping of policy keys at the top level")
         if d is not None:
-            _check_keys(d, (), d.data or {}, TOP_KEYS)
+            d.check_keys((), d.data or {}, TOP_KEYS)
     own = doc.data or {}
     data = _merge(default_doc.data or {}, own) if default_doc is not None else dict(own)
 
-    def origin(path: tuple) -> _Doc:
+    def origin(path: tuple) -> YamlDoc:
         """The file a merged key came from, for error messages."""
         node: Any = own
         for part in path:
@@ -303,10 +254,8 @@ def _build(doc: _Doc, default_doc: _Doc | None, family_from: str | None, *, chec
     for name, entry in tasks_raw.items():
         tasks[str(name)] = _task_policy(str(name), entry if entry is not None else {}, ("tasks", name), origin,
                                         replace(defaults, task=str(name)), require_threshold=False)
-    if check_tasks:
-        _check_tasks_in_suite(suite, tasks, origin)
-
-    from qgate.store import content_hash
+    if suite_tasks is not None:
+        _check_tasks_in_suite(suite, tasks, origin, suite_tasks)
 
     policy = Policy(family=family, members=members, suite=suite, formats=formats, fallback=fallback,
                     defaults=defaults, tasks=tasks, path=str(doc.path), text=doc.text, hash="",
@@ -315,20 +264,9 @@ def _build(doc: _Doc, default_doc: _Doc | None, family_from: str | None, *, chec
     return replace(policy, hash=content_hash(policy.to_dict()))
 
 
-def _check_keys(doc: _Doc, path: tuple, mapping: Any, allowed: Sequence[str]) -> None:
-    if not isinstance(mapping, dict):
-        return
-    for key in mapping:
-        if key not in allowed:
-            raise doc.error(path + (key,), f"unknown key{_did_you_mean(key, allowed)}; "
-                                           f"expected one of: {', '.join(allowed)}")
-
-
 def _members(raw: Any, family: str, origin) -> tuple[MemberPolicy, ...]:
     path = ("members",)
     if raw is None:
-        from qgate.models import get_family
-
         return (MemberPolicy(get_family(family).default_member),)
     if not isinstance(raw, list) or not raw:
         raise origin(path).error(path, "expected a non-empty list of members (names or {name, model, revision})")
@@ -340,7 +278,7 @@ def _members(raw: Any, family: str, origin) -> tuple[MemberPolicy, ...]:
             continue
         if not isinstance(item, dict):
             raise doc.error(path + (i,), f"expected a member name or a mapping, got {item!r}")
-        _check_keys(doc, path + (i,), item, MEMBER_KEYS)
+        doc.check_keys(path + (i,), item, MEMBER_KEYS)
         if not isinstance(item.get("name"), str):
             raise doc.error(path + (i,), "a member needs a name")
         out.append(MemberPolicy(item["name"], _opt_str(item.get("model")), _opt_str(item.get("revision"))))
@@ -355,20 +293,18 @@ def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _valid_format(name: Any, doc: _Doc, path: tuple) -> str:
-    from qgate.formats import get_format, list_formats
-
+def _valid_format(name: Any, doc: YamlDoc, path: tuple) -> str:
     try:
         return get_format(str(name)).name
     except QgateError:
         names = [f.name for f in list_formats()]
-        raise doc.error(path, f"unknown format {name!r}{_did_you_mean(name, names)}; "
+        raise doc.error(path, f"unknown format {name!r}{did_you_mean(name, names)}; "
                               f"expected one of: {', '.join(names)}") from None
 
 
-def _recipe(value: Any, doc: _Doc, path: tuple) -> Any:
+def _recipe(value: Any, doc: YamlDoc, path: tuple) -> Any:
     """A built-in recipe name, a recipe .yaml file (relative to the policy file), a mapping
-    {name, rules} or a bare list of rules; checked by qgate.quantize.load_recipe."""
+    {name, rules} or a bare list of rules; checked by qgate.recipes.load_recipe."""
     if value is None:
         return DEFAULT_RECIPE
     if isinstance(value, list):
@@ -379,24 +315,12 @@ def _recipe(value: Any, doc: _Doc, path: tuple) -> Any:
     if not isinstance(value, (str, dict)):
         raise doc.error(path, f"expected a recipe name, a .yaml file or a list of rules, got {value!r}")
     try:
-        from qgate.quantize import load_recipe
-    except ImportError:
-        return value
-    try:
         load_recipe(value)
     except QgateError as exc:
-        known = _builtin_recipes() or []
-        hint = _did_you_mean(value, known) if isinstance(value, str) else ""
+        known = list_recipes()
+        hint = did_you_mean(value, known) if isinstance(value, str) else ""
         raise doc.error(path, f"{exc}{hint}") from None
     return value
-
-
-def _builtin_recipes() -> list[str] | None:
-    try:
-        from qgate.quantize import list_recipes
-    except ImportError:
-        return None
-    return list_recipes()
 
 
 def _format_choices(raw: Any, path: tuple, origin) -> tuple[FormatChoice, ...]:
@@ -412,7 +336,7 @@ def _format_choices(raw: Any, path: tuple, origin) -> tuple[FormatChoice, ...]:
         d = origin(p)
         fmt = _valid_format(name, d, p)
         if isinstance(entry, dict):
-            _check_keys(d, p, entry, FORMAT_KEYS)
+            d.check_keys(p, entry, FORMAT_KEYS)
             recipe = _recipe(entry.get("recipe"), d, p + ("recipe",))
         else:
             recipe = _recipe(entry, d, p)
@@ -434,7 +358,7 @@ def _fallback(raw: Any, origin) -> tuple[FormatChoice, ...]:
         p = path + (i,)
         d = origin(p)
         if isinstance(item, dict):
-            _check_keys(d, p, item, FALLBACK_KEYS)
+            d.check_keys(p, item, FALLBACK_KEYS)
             if "format" not in item:
                 raise d.error(p, "a fallback entry needs a format")
             out.append(FormatChoice(_valid_format(item["format"], d, p + ("format",)),
@@ -444,7 +368,7 @@ def _fallback(raw: Any, origin) -> tuple[FormatChoice, ...]:
     return tuple(out)
 
 
-def _number(value: Any, doc: _Doc, path: tuple, what: str) -> float:
+def _number(value: Any, doc: YamlDoc, path: tuple, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise doc.error(path, f"expected {what}, got {value!r}")
     return float(value)
@@ -455,7 +379,7 @@ def _task_policy(task: str, raw: Any, path: tuple, origin, base: TaskPolicy, *,
     doc = origin(path)
     if not isinstance(raw, dict):
         raise doc.error(path, f"expected a mapping of {', '.join(TASK_KEYS)}, got {raw!r}")
-    _check_keys(doc, path, raw, TASK_KEYS)
+    doc.check_keys(path, raw, TASK_KEYS)
     values: dict[str, Any] = {}
     if "metric" in raw:
         if not isinstance(raw["metric"], str) or not raw["metric"]:
@@ -486,7 +410,7 @@ def _task_policy(task: str, raw: Any, path: tuple, origin, base: TaskPolicy, *,
         v = raw["inconclusive"]
         if v not in INCONCLUSIVE_MEANS:
             raise origin(p).error(p, f"expected one of {', '.join(INCONCLUSIVE_MEANS)}, got {v!r}"
-                                     f"{_did_you_mean(v, INCONCLUSIVE_MEANS)}")
+                                     f"{did_you_mean(v, INCONCLUSIVE_MEANS)}")
         values["inconclusive"] = v
     if "blocking" in raw:
         p = path + ("blocking",)
@@ -499,256 +423,16 @@ def _task_policy(task: str, raw: Any, path: tuple, origin, base: TaskPolicy, *,
     return result
 
 
-def _check_tasks_in_suite(suite: str, tasks: Mapping[str, TaskPolicy], origin) -> None:
+def _check_tasks_in_suite(suite: str, tasks: Mapping[str, TaskPolicy], origin, suite_tasks: SuiteTasks) -> None:
     """Every task the policy names must be in its suite."""
     if not tasks:
         return
     try:
-        from qgate.evaluation import load_suite
-    except ImportError:
-        return  # the evaluation package is not importable here: nothing to check against
-    try:
-        suite_obj = load_suite(suite)
+        names = suite_tasks(suite)
     except QgateError as exc:
         raise origin(("suite",)).error(("suite",), str(exc)) from None
-    names = suite_task_names(suite_obj)
     for name in tasks:
         if name not in names:
             raise origin(("tasks", name)).error(("tasks", name), f"unknown task: suite {suite!r} has no task {name!r}"
-                                                               f"{_did_you_mean(name, names)}; it has: "
+                                                               f"{did_you_mean(name, names)}; it has: "
                                                                f"{', '.join(names)}")
-
-
-def suite_task_names(suite_obj: Any) -> list[str]:
-    out = []
-    for t in getattr(suite_obj, "tasks", []):
-        out.append(t if isinstance(t, str) else getattr(t, "name", None) or getattr(t, "task", None) or str(t))
-    return out
-
-
-# ---- decisions ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Decision:
-    """One task's verdict. delta, ci_low, ci_high, threshold are in the task's units: percentage
-    points for pass/fail metrics, metric units otherwise; delta = candidate - baseline."""
-
-    task: str
-    metric: str
-    verdict: str  # pass | fail | inconclusive
-    delta: float | None
-    ci_low: float | None
-    ci_high: float | None
-    p_value: float | None
-    n: int
-    threshold: float | None  # the signed delta at which the task fails (e.g. -1.0, or +0.5 for perplexity)
-    reason: str
-    samples_needed: int | None
-    baseline: float | None = None
-    candidate: float | None = None
-    confidence: float = 0.95
-    higher_is_better: bool = True
-    binary: bool = True
-    unit: str = "pts"
-    method: str = ""
-    discordant: tuple[int, int] | None = None
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-def gate_effect(decision: Decision, task_policy: TaskPolicy) -> str:
-    """What a decision does to the gate: "pass", "warn" (passes, flagged) or "fail".
-
-    Advisory tasks (blocking: false) never give "fail": a failing advisory task is a "warn".
-    """
-    if decision.verdict == "pass":
-        effect = "pass"
-    elif decision.verdict == "fail":
-        effect = "fail"
-    else:
-        effect = task_policy.inconclusive
-    if effect == "fail" and not task_policy.blocking:
-        return "warn"
-    return effect
-
-
-# corpus-level metrics: re-aggregated from per-document (loglikelihood, count) rather than averaged
-CORPUS_WEIGHTS = {"word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
-
-
-def _score_value(scores: Mapping[str, Any], metric: str) -> Any:
-    weight = CORPUS_WEIGHTS.get(metric)
-    if weight and "loglikelihood" in scores and scores.get(weight):
-        return (float(scores["loglikelihood"]), float(scores[weight]))
-    if metric not in scores:
-        raise KeyError(metric)
-    return scores[metric]
-
-
-def _aggregate_for(metric: str, pair: bool):
-    name = metric.lower()
-    if pair:
-        if "bits_per_byte" in name or name == "bpb":
-            return stats.bits_per_byte_aggregate
-        if "perplexity" in name or name == "ppl":
-            return stats.perplexity_aggregate
-        return lambda v, w: (v * w).sum(axis=-1) / w.sum(axis=-1)  # weighted mean
-    if name == "perplexity":
-        return stats.mean_exp_aggregate  # per-sample loglikelihoods, as lm-eval aggregates them
-    return stats.mean_aggregate
-
-
-def is_binary(values: Sequence[Any]) -> bool:
-    """Every value is a pass/fail outcome (0/1 or a bool)."""
-    return bool(values) and all(isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1))
-                                for v in values)
-
-
-def _pair_samples(baseline: Sequence[Mapping], candidate: Sequence[Mapping], metric: str):
-    """Match samples by doc_id (and doc_hash where both have one); returns (pairs, skipped note)."""
-    cand_by_id = {str(s["doc_id"]): s for s in candidate}
-    pairs, mismatched, missing = [], 0, 0
-    for s in baseline:
-        c = cand_by_id.get(str(s["doc_id"]))
-        if c is None:
-            missing += 1
-            continue
-        if s.get("doc_hash") and c.get("doc_hash") and s["doc_hash"] != c["doc_hash"]:
-            mismatched += 1
-            continue
-        try:
-            pairs.append((_score_value(s.get("scores") or {}, metric), _score_value(c.get("scores") or {}, metric)))
-        except KeyError:
-            missing += 1
-    note = []
-    if mismatched:
-        note.append(f"{mismatched} samples differ between baseline and candidate (doc_hash) and were left out")
-    if missing:
-        note.append(f"{missing} samples without a pair (or without {metric}) were left out")
-    return pairs, "; ".join(note)
-
-
-def _fmt(x: float, unit: str, signed: bool = True) -> str:
-    digits = 1 if unit == "pts" else (3 if abs(x) < 10 else 2)
-    text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-    return text
-
-
-def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence[Mapping],
-                task_policy: TaskPolicy, higher_is_better: bool = True, binary: bool | None = None, *,
-                metric: str | None = None) -> Decision:
-    """Decide one task from paired per-sample scores (pure: no I/O, no model).
-
-    Samples are dicts with doc_id, optional doc_hash, and scores {metric: value}; a value is a
-    number, a bool, or a [loglikelihood, weight] pair for corpus metrics such as perplexity.
-    ``binary`` None: detected from the values. ``metric`` overrides the policy's metric.
-    """
-    metric = metric or task_policy.metric
-    if not metric:
-        raise ValueError(f"{task_policy.task}: no metric given and the policy names none")
-    task = task_policy.task
-    pairs, note = _pair_samples(baseline_samples, candidate_samples, metric)
-    conf = task_policy.confidence
-    if not pairs:
-        reason = f"{task}: no paired samples for {metric}" + (f" ({note})" if note else "") + ": inconclusive"
-        return Decision(task=task, metric=metric, verdict="inconclusive", delta=None, ci_low=None, ci_high=None,
-                        p_value=None, n=0, threshold=None, reason=reason, samples_needed=None, confidence=conf,
-                        higher_is_better=higher_is_better, binary=bool(binary), unit="")
-
-    base_vals = [p[0] for p in pairs]
-    cand_vals = [p[1] for p in pairs]
-    pair_valued = isinstance(base_vals[0], (list, tuple))
-    if binary is None:
-        binary = not pair_valued and is_binary(base_vals + cand_vals)
-
-    if binary:
-        cmp = stats.compare_binary([float(v) for v in base_vals], [float(v) for v in cand_vals], conf)
-        scale, unit, method = 100.0, "pts", "exact McNemar; Newcombe hybrid score CI"
-    else:
-        if pair_valued:
-            kwargs = dict(baseline_weights=[float(v[1]) for v in base_vals],
-                          candidate_weights=[float(v[1]) for v in cand_vals],
-                          aggregate=_aggregate_for(metric, True))
-            b, c = [float(v[0]) for v in base_vals], [float(v[0]) for v in cand_vals]
-        else:
-            kwargs = dict(aggregate=_aggregate_for(metric, False))
-            b, c = [float(v) for v in base_vals], [float(v) for v in cand_vals]
-        cmp = stats.compare_bootstrap(b, c, conf, **kwargs)
-        scale, unit, method = 1.0, "", f"paired bootstrap over documents ({stats.BOOTSTRAP_RESAMPLES} resamples)"
-
-    delta, low, high = cmp.delta * scale, cmp.ci_low * scale, cmp.ci_high * scale
-    base_value = cmp.baseline * scale
-    sign = 1.0 if higher_is_better else -1.0
-    # allowed drop in the task's units
-    if task_policy.min_recovery is not None:
-        r = task_policy.min_recovery
-        allowed = (1 - r) * abs(base_value) if higher_is_better else abs(base_value) * (1 / r - 1)
-        allowed_text = f"recovery >= {r:g} (allowed {_fmt(-sign * allowed, unit)})"
-    else:
-        allowed = float(task_policy.max_drop if task_policy.max_drop is not None else 0.0)
-        allowed_text = f"allowed {_fmt(-sign * allowed, unit)}"
-    threshold = -sign * allowed
-
-    # orient so that "good" is positive: o_delta >= -allowed passes
-    o_delta, o_low, o_high = (delta, low, high) if higher_is_better else (-delta, -high, -low)
-    if o_low >= -allowed:
-        verdict = "pass"
-    elif o_delta < -allowed and o_high < 0:
-        verdict = "fail"
-    else:
-        verdict = "inconclusive"
-
-    needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf)
-    unit_text = f" {unit}" if unit else ""
-    values = f" ({_fmt(base_value, unit, False)} -> {_fmt(cmp.candidate * scale, unit, False)})" if not binary else ""
-    reason = (f"{task}: {_fmt(delta, unit)}{unit_text}{values}, {conf * 100:g}% CI "
-              f"[{_fmt(low, unit)}, {_fmt(high, unit)}], {allowed_text}, n={cmp.n}: {verdict}")
-    if verdict == "inconclusive" and needed is not None:
-        reason += f" (about {needed} samples would decide)"
-    if note:
-        reason += f"; {note}"
-    return Decision(task=task, metric=metric, verdict=verdict, delta=delta, ci_low=low, ci_high=high,
-                    p_value=cmp.p_value, n=cmp.n, threshold=threshold, reason=reason, samples_needed=needed,
-                    baseline=base_value, candidate=cmp.candidate * scale, confidence=conf,
-                    higher_is_better=higher_is_better, binary=bool(binary), unit=unit, method=method,
-                    discordant=cmp.discordant)
-
-
-# ---- presentation for policy reviews -------------------------------------------------------------
-
-def policy_table(policy: Policy, suite: Any = None) -> str:
-    """The thresholds as a plain-text table (qgate policy show); with the suite, every task of it is listed
-    with its primary metric and units."""
-    specs = {t.name: t for t in getattr(suite, "tasks", [])}
-    names = list(specs) or list(policy.tasks)
-    names += [n for n in policy.tasks if n not in names]
-    header = ("task", "metric", "allowed drop", "confidence", "inconclusive", "blocking")
-    rows = [header]
-    for name in names:
-        tp = policy.task_policy(name)
-        spec = specs.get(name)
-        metric = tp.metric or (spec.metric if spec else "(primary)")
-        unit = ""
-        if spec is not None and metric == spec.metric:
-            unit = " pts" if spec.per_sample == "binary" else (" (lower is better)" if not spec.higher_is_better else "")
-        drop = (f"{tp.max_drop:g}{unit}" if tp.max_drop is not None else f"keep >= {tp.min_recovery:g} of baseline")
-        rows.append((name + ("" if name in policy.tasks else " (defaults)"), metric, drop,
-                     f"{tp.confidence:g}", tp.inconclusive, "yes" if tp.blocking else "advisory"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [
-        f"policy {policy.family}  ({policy.path})  hash {policy.hash[:12]}",
-        f"members:  {', '.join(m.name for m in policy.members) or '-'}",
-        f"suite:    {policy.suite}",
-        f"formats:  {', '.join(f'{c.format} ({_recipe_text(c.recipe)})' for c in policy.formats) or '-'}",
-        f"fallback: {' -> '.join(c.format for c in policy.fallback) or 'none'}",
-        "",
-    ]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _recipe_text(recipe: Any) -> str:
-    if isinstance(recipe, dict):
-        return f"{recipe.get('name', 'inline')}: {len(recipe.get('rules') or [])} rules"
-    return recipe if isinstance(recipe, str) else f"{len(recipe)} inline rules"

@@ -223,13 +223,6 @@ def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def evaluation_key(checkpoint_id: str, quant_config_id: str | None, task_config_id: str,
-                   qgate_version: str, runtime: dict | None = None) -> str:
-    """The cache key of one evaluation. quant_config_id None means the unquantized baseline."""
-    return content_hash({"checkpoint": checkpoint_id, "quant_config": quant_config_id,
-                         "task_config": task_config_id, "qgate": qgate_version, "runtime": runtime or {}})
-
-
 def resolve_url(url: str | os.PathLike | None = None) -> str:
     """--db value, else $QGATE_DB, else ./qgate.db. A plain path means a SQLite file."""
     value = str(url) if url else os.environ.get("QGATE_DB") or DEFAULT_DB
@@ -513,6 +506,20 @@ class Store:
 
     def outcomes(self, run_id: int, batch: str | None = "latest") -> list[dict]:
         return self._batch_rows(outcomes, run_id, batch)
+
+    def family_decisions(self, family: str) -> list[dict]:
+        """The latest stored decision per run x member x format x task of a family, oldest run first;
+        the decisions table's rows plus ``run_policy_hash``."""
+        q = (sa.select(decisions, runs.c.policy_hash.label("run_policy_hash"))
+             .join(runs, runs.c.id == decisions.c.run_id)
+             .where(runs.c.family == family)
+             .order_by(decisions.c.run_id, decisions.c.id))
+        latest: dict[tuple, dict] = {}
+        with self.engine.begin() as conn:
+            for row in conn.execute(q).all():
+                r = _row(row)
+                latest[(r["run_id"], r["member"], r["format"], r["task"])] = r  # later ids win
+        return list(latest.values())
 
     def _batch_rows(self, table: sa.Table, run_id: int, batch: str | None) -> list[dict]:
         """Rows of a per-run, batched table (decisions, outcomes): latest batch, one batch, or all."""

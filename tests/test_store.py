@@ -21,7 +21,8 @@ import sqlalchemy as sa
 
 from qgate import store as store_mod
 from qgate.errors import QgateError
-from qgate.store import evaluation_key, open_store
+from qgate.keys import evaluation_key
+from qgate.store import open_store
 
 PG_URL = os.environ.get("QGATE_TEST_PG_URL")
 

@@ -399,20 +399,27 @@ def check_params(source: str, params: dict | None) -> dict:
     return {**src.defaults, **params}
 
 
+def source_identity(source: str, params: dict) -> dict:
+    """Everything but the tokenizer that decides a source's rows: its parameters, the builder's version,
+    the versions of the packages it reads and the source text of its generator modules."""
+    src = get_source(source)
+    return {
+        "source": source,
+        "params": params,
+        "builder": BUILDER_VERSION,
+        "packages": {d: dist_version(d) for d in src.packages},
+        "modules": {m: module_source_sha(m) for m in src.modules},
+    }
+
+
 def materialize(source: str, params: dict | None = None, tokenizer=None) -> DataFile:
     """The source's rows as a JSONL file in the data cache, built on first use; same inputs, same bytes."""
     src = get_source(source)
     params = check_params(source, params)
     if src.needs_tokenizer and tokenizer is None:
         raise QgateError(f"data source {source!r} needs the model's tokenizer")
-    key_obj = {
-        "source": source,
-        "params": params,
-        "builder": BUILDER_VERSION,
-        "packages": {d: dist_version(d) for d in src.packages},
-        "tokenizer": tokenizer_fingerprint(tokenizer) if src.needs_tokenizer else None,
-        "modules": {m: module_source_sha(m) for m in src.modules},
-    }
+    key_obj = source_identity(source, params)
+    key_obj["tokenizer"] = tokenizer_fingerprint(tokenizer) if src.needs_tokenizer else None
     key = sha256_bytes(canonical_json(key_obj).encode())[:20]
     folder = data_dir()
     path = folder / f"{source}-{key}.jsonl"

@@ -149,6 +149,11 @@ def load_suite(name_or_path: str | Path) -> Suite:
     return parse_suite(raw, source=str(path))
 
 
+def suite_task_names(name_or_path: str | Path) -> list[str]:
+    """The task names of a suite (what a policy may set thresholds for)."""
+    return load_suite(name_or_path).task_names()
+
+
 def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
     def bad(key_path: str, problem: str) -> QgateError:
         return QgateError(f"{source}: {key_path}: {problem}")

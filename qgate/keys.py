@@ -1,0 +1,48 @@
+"""Cache keys: the content hashes that name a quantization, a task configuration and an evaluation.
+
+One place, imported by the gate (to look up before evaluating) and by policy reviews (to find the
+evidence a policy needs). A checkpoint's identity is its file hash or hub commit (qgate.models).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from qgate.canonical import content_hash
+from qgate.evaluation.data import source_identity
+from qgate.recipes import quant_config
+
+BASELINE = "bf16"  # the format name the unquantized baseline is recorded under
+
+
+def effective_limit(task_spec, limit: int | None) -> int | None:
+    """--limit caps the suite's own per-task limit (it never raises it)."""
+    if limit is None:
+        return task_spec.limit
+    return limit if task_spec.limit is None else min(limit, task_spec.limit)
+
+
+def task_config(task_spec, limit: int | None) -> dict:
+    """Everything that changes a task's samples or their scores: the task definition, the sample limit,
+    the lm-eval release that runs it and, for qgate's offline sources, what builds the data (the
+    model's tokenizer, which some sources use, is part of the checkpoint's key)."""
+    config: dict[str, Any] = {"task": task_spec.to_dict(), "limit": effective_limit(task_spec, limit),
+                              "lm_eval": metadata.version("lm-eval")}
+    if task_spec.offline:
+        config["data"] = source_identity(task_spec.source, task_spec.data_params)
+    return config
+
+
+def quant_config_id(fmt: str, recipe: Any, backend_name: str) -> str | None:
+    """The key of a format quantized with a recipe through a backend; None for the baseline."""
+    if fmt == BASELINE:
+        return None
+    return content_hash(quant_config(fmt, recipe, backend_name))
+
+
+def evaluation_key(checkpoint_id: str, quant_config_id: str | None, task_config_id: str,
+                   qgate_version: str, runtime: dict | None = None) -> str:
+    """The cache key of one evaluation. quant_config_id None means the unquantized baseline."""
+    return content_hash({"checkpoint": checkpoint_id, "quant_config": quant_config_id,
+                         "task_config": task_config_id, "qgate": qgate_version, "runtime": runtime or {}})
