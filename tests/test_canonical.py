@@ -25,6 +25,14 @@ def test_canonical_json_spelling_and_hash():
     assert canonical_json({"a": math.nan, 10: "x", 2: "y"}) == '{"10":"x","2":"y","a":null}'
 
 
+def test_the_older_spellings_are_parameters():
+    assert canonical_json({"a": math.nan, "t": ("é",)}, safe=False) == '{"a":NaN,"t":["é"]}'
+    assert canonical_json({10: "x", 2: "y"}, safe=False) == '{"2":"y","10":"x"}'
+    assert canonical_json({"t": "é"}, ensure_ascii=True) == '{"t":"\\u00e9"}'
+    with pytest.raises(TypeError):
+        canonical_json({"o": object()}, safe=False)
+
+
 def _task(**extra) -> TaskSpec:
     return TaskSpec(name="pin", lm_eval_task="qgate_pin", data={"source": "pin_src", "note": "naïve"}, num_fewshot=0,
                     metric="acc", higher_is_better=True, per_sample="binary", generation={"until": ["。", "\n"]},

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qgate.canonical import json_safe
+from qgate.canonical import content_hash, json_safe
 from qgate import __version__
 from qgate.errors import QgateError
 from qgate.evaluation.suite import Suite, TaskSpec
@@ -124,7 +124,7 @@ def _config_hash(task: TaskSpec, limit: int | None, data_sha: str) -> str:
     spec = {**task.to_dict(), "limit": limit}
     payload = {"task": spec, "data_sha256": data_sha, "qgate": __version__,
                "lm_eval": getattr(lm_eval, "__version__", "?")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return content_hash(payload, safe=False, ensure_ascii=True)
 
 
 def _docs_sha(doc_hashes: list[str]) -> str:
