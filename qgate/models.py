@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
+from qgate.files import write_atomic
 
 # --------------------------------------------------------------------------------------------
 # Registry of families
@@ -194,14 +195,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, remembered in $QGATE_CACHE/file-hashes.json by (path, size, mtime)."""
     path = Path(path).resolve()
@@ -221,7 +214,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     value = digest.hexdigest()
     index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True))
+        write_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
     return value
 
 

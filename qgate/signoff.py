@@ -111,7 +111,8 @@ def sign_off(store, run: str | int, *, reviewer: str, approve: bool, comment: st
     is written.
     """
     from qgate.report.data import collect, resolve_run_id
-    from qgate.report.render import content_sha256, default_report_path, render_html, write_atomically
+    from qgate.files import write_atomic
+    from qgate.report.render import content_sha256, default_report_path, render_html
 
     run_id = resolve_run_id(store, run)
     reviewer = (reviewer or "").strip()
@@ -143,7 +144,7 @@ def sign_off(store, run: str | int, *, reviewer: str, approve: bool, comment: st
                                    digest=digest, comment=comment, override=override)
     model["signoffs"] = [dict(s) for s in store.signoffs(run_id)]
     model["signed_payload"] = payload_text(payload)
-    write_atomically(target, render_html(model))
+    write_atomic(target, render_html(model))
     row = next(s for s in model["signoffs"] if s["id"] == signoff_id)
     return row, target
 

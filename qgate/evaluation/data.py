@@ -17,13 +17,13 @@ import importlib.util
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from qgate.canonical import canonical_json, content_hash
 from qgate.errors import QgateError
+from qgate.files import write_atomic
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same parameters
 
@@ -426,21 +426,9 @@ def materialize(source: str, params: dict | None = None, tokenizer=None) -> Data
     digest = sha256_bytes(payload)
     n = sum(1 for r in rows if r.get("split") == "test")
     meta = {"source": source, "key": key_obj, "sha256": digest, "n": n, "description": description}
-    _atomic_write(path, payload)
-    _atomic_write(meta_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(path, payload)
+    write_atomic(meta_path, (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode("utf-8"))
     return DataFile(source, path, digest, n, description)
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
