@@ -79,7 +79,7 @@ def test_offline_data_keys_and_bytes_are_pinned(tmp_path, monkeypatch):
 
 
 def test_signoff_digest_is_pinned():
-    from qgate.signoff import digest_of, payload_text
+    from qgate.report.payload import digest_of, payload_text
 
     payload = {"format": "qgate-signoff/1", "run": {"id": 1, "host": "hôte"},
                "results": [{"task": "ifeval", "reason": "−2.3 pts ✓", "value": math.inf}], "report_sha256": "0" * 64}

@@ -19,7 +19,8 @@ from markupsafe import Markup
 
 from qgate.files import write_atomic
 from qgate.report import svg
-from qgate.report.data import OUTCOME_TITLES
+from qgate.report.data import OUTCOME_TITLES, collect
+from qgate.report.payload import payload_if_signed
 
 TEMPLATES = Path(__file__).parent / "templates"
 SIGNOFF_PARTS = ("meta", "note", "block")
@@ -247,12 +248,9 @@ def default_report_path(family: str, run_id) -> Path:
 
 def render_run(store, run_id, path=None) -> Path:
     """Collect the run from the store, render it (with its sign-offs, if any) and write the file."""
-    from qgate.report.data import collect
-
     model = collect(store, run_id)
     if model["signoffs"]:
-        from qgate.signoff import attach_signed_payload
-
-        attach_signed_payload(store, model)
+        model["signed_payload"] = payload_if_signed(store, model["run"]["id"], content_sha256(render_html(model)),
+                                                    model["signoffs"][-1]["digest"])
     target = Path(path) if path is not None else default_report_path(model["run"]["family"], model["run"]["id"])
     return write_atomic(target, render_html(model))
