@@ -88,21 +88,15 @@ class GateResult:
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN/inf become null)."""
-        from qgate.store import _json_safe
+        from qgate.store import _json_safe, redact_url
 
         return _json_safe({"run_id": self.run_id, "family": self.family, "formats": self.formats, "suite": self.suite,
-                "policy": self.policy_path, "policy_hash": self.policy_hash, "db": _redact(self.db_url),
+                "policy": self.policy_path, "policy_hash": self.policy_hash, "db": redact_url(self.db_url),
                 "outcome": self.outcome, "exit_code": self.exit_code,
                 "members": [m.to_dict() for m in self.members], "tasks": [t.to_dict() for t in self.tasks],
                 "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
                 "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
                 "report": self.report_path, "notes": list(self.notes)})
-
-
-def _redact(url: str) -> str:
-    from qgate.store import _redact as redact
-
-    return redact(url)
 
 
 # ---- what a run is about, resolved before the database is touched ------------------------------------
