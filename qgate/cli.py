@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
@@ -148,7 +147,7 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     """
 
     from qgate.gate import run_gate
-    from qgate.summary import console_text, junit_xml, markdown
+    from qgate.summary import append_step_summary, console_text, junit_xml, markdown
 
     import signal
 
@@ -167,10 +166,7 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     if junit:
         with open(junit, "w", encoding="utf-8") as fh:
             fh.write(junit_xml(data))
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:
-        with open(step_summary, "a", encoding="utf-8") as fh:
-            fh.write(markdown(data))
+    append_step_summary(markdown(data))
     sys.exit(result.exit_code)
 
 
@@ -231,11 +227,12 @@ def policy_diff_cmd(old, new, db, as_json):
     """What changing policy OLD into NEW changes: settings in words, and stored decisions re-decided
     under NEW from stored per-sample results (no model is loaded). OLD and NEW are files or REV:path
     (read with git show, e.g. main:policies/smollm2.yaml). Markdown goes to $GITHUB_STEP_SUMMARY when set."""
-    from qgate.policy_review import diff, review_markdown, review_text, write_step_summary
+    from qgate.policy_review import diff, review_markdown, review_text
+    from qgate.summary import append_step_summary
 
     review = diff(old, new, db)
     click.echo(json.dumps(review.to_dict(), indent=2) if as_json else review_text(review))
-    write_step_summary(review_markdown(review))
+    append_step_summary(review_markdown(review))
     sys.exit(review.exit_code)
 
 
