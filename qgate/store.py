@@ -18,7 +18,6 @@ A step never edits an earlier step: to change an existing table, add a new step 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import uuid
 from dataclasses import dataclass
