@@ -23,10 +23,17 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def canonical_json(obj: Any, *, safe: bool = True, ensure_ascii: bool = False) -> str:
+    """Sorted keys, no spaces, UTF-8 text.
+
+    Two older spellings keep their own keys byte for byte: ``safe=False`` hands ``obj`` to json.dumps as
+    it is instead of through json_safe (NaN stays NaN, non-string keys sort by their own value, a value
+    JSON cannot spell raises TypeError); ``ensure_ascii=True`` spells non-ASCII characters as \\u escapes.
+    """
+    return json.dumps(json_safe(obj) if safe else obj, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=ensure_ascii)
 
 
-def content_hash(obj: Any) -> str:
+def content_hash(obj: Any, *, safe: bool = True, ensure_ascii: bool = False) -> str:
     """sha256 hex digest of the canonical JSON of ``obj`` (key order and tuples do not matter)."""
-    return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(obj, safe=safe, ensure_ascii=ensure_ascii).encode("utf-8")).hexdigest()

@@ -7,7 +7,8 @@ A member resolves to one of three sources:
 
 GGUF files are dequantized by transformers, which takes ~15 s for SmolLM2-135M. The first load
 converts the result once into a safetensors folder under $QGATE_CACHE (default ~/.cache/qgate),
-keyed by the GGUF file's sha256; later loads read that folder in well under a second.
+keyed by the GGUF file's sha256 and the transformers release; later loads read that folder in well
+under a second.
 
 Precision: CUDA + bfloat16 when a GPU is present; CPU + float32 otherwise. On the CPU float32 is
 both faster (most CPUs have no fast bf16 matmul) and exact: the GGUF's dequantized weights are
@@ -32,6 +33,7 @@ import torch
 
 from qgate.errors import QgateError
 from qgate.families import DEFAULT_FAMILY, Family, Member, get_family, list_families  # noqa: F401  (models' API)
+from qgate.files import write_atomic
 
 # --------------------------------------------------------------------------------------------
 # Resolving a member to a concrete checkpoint
@@ -102,14 +104,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, remembered in $QGATE_CACHE/file-hashes.json by (path, size, mtime)."""
     path = Path(path).resolve()
@@ -129,7 +123,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     value = digest.hexdigest()
     index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        _atomic_write_text(index_path, json.dumps(index, indent=1, sort_keys=True))
+        write_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
     return value
 
 
@@ -313,7 +307,11 @@ def _rebuild_plain(model):
 
 
 def gguf_cache_dir(gguf_sha256: str) -> Path:
-    return cache_root() / "models" / f"gguf-{gguf_sha256}"
+    """Where a GGUF file's conversion is cached: keyed by the file and by the transformers release that
+    converted it (a conversion saved by one release can load as a different model under another)."""
+    from importlib import metadata
+
+    return cache_root() / "models" / f"gguf-{gguf_sha256}-transformers-{metadata.version('transformers')}"
 
 
 _CACHE_MARKER = "qgate-source.json"

@@ -1,11 +1,9 @@
 """Sign-off: record who approved (or rejected) exactly which results, and verify a report later.
 
-What a sign-off covers is one canonical JSON document, the "signed payload":
-  the run's provenance, every evaluation it used (metrics, n, and a sha256 of all its samples),
-  the quantization statistics, the current decisions and member outcomes, the policy (hash and
-  text), and the sha256 of the report content without its sign-off block.
-The digest is the sha256 of that document. The database keeps the digest with the sign-off; the
-report embeds the digest, the sign-off id and the payload itself (so verify can say what changed).
+What a sign-off covers is the "signed payload" of qgate.report.payload (the run's results, decisions,
+policy and the report content without its sign-off regions) and its digest. The database keeps the
+digest with the sign-off; the report embeds the digest, the sign-off id and the payload itself (so
+verify can say what changed).
 
 verify recomputes the payload from the database and the content hash from the file:
   intact  <=> the file's sign-off block is the one qgate renders for that sign-off,
@@ -22,79 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qgate.errors import QgateError
+from qgate.files import write_atomic
+from qgate.report.data import collect, resolve_run_id
+from qgate.report.payload import build_payload, digest_of, payload_text
+from qgate.report.render import (SIGNOFF_PARTS, content_sha256, default_report_path, render_html,
+                                 signoff_region_markup, signoff_regions, strip_signoff)
 
-PAYLOAD_FORMAT = "qgate-signoff/1"
-RUN_SIGNED_FIELDS = ("id", "family", "formats", "members", "suite", "suite_hash", "policy_hash", "status", "outcome",
-                     "backend", "device", "host", "git_revision", "versions", "sample_limit", "started_at",
-                     "finished_at")
 DIFF_ORDER = ("outcomes", "decisions", "results", "quantization", "policy", "run", "format")
 MAX_CHANGES_LISTED = 20
 _META_RUN = re.compile(r'<meta name="qgate-run" content="([^"]*)">')
 _BLOCK_ATTR = re.compile(r'\sdata-qgate-(run|digest|signoff)="([^"]*)"')
 _PAYLOAD = re.compile(r'<pre id="qgate-signed-payload">(.*?)</pre>', re.S)
-
-
-# ---------------------------------------------------------------- the signed payload
-
-def build_payload(store, run_id: int, report_sha256: str) -> dict:
-    """Everything a sign-off of this run approves, as plain JSON values (see module docstring)."""
-    from qgate.store import content_hash
-
-    run = store.run(run_id)
-    links = store.run_evaluations(run_id)
-    results = []
-    for link in links:
-        evaluation = store.evaluation(link["evaluation_id"]) or {}
-        sample_rows = [{k: s.get(k) for k in ("doc_id", "doc_hash", "prompt", "output", "target", "scores")}
-                       for s in store.samples(link["evaluation_id"])]
-        results.append({
-            "member": link["member"], "format": link["format"], "role": link["role"], "task": link["task"],
-            "evaluation": link["evaluation_id"], "checkpoint": evaluation.get("checkpoint_id"),
-            "quant_config": evaluation.get("quant_config_id"), "task_config": evaluation.get("task_config_id"),
-            "metrics": evaluation.get("metrics"), "primary_metric": evaluation.get("primary_metric"),
-            "n": evaluation.get("n"), "extras": evaluation.get("extras"),
-            "samples_sha256": content_hash(sample_rows), "samples": len(sample_rows)})
-    quantization = []
-    for qid in sorted({link["quant_config_id"] for link in links if link.get("quant_config_id")}):
-        row = store.quant_config(qid) or {}
-        quantization.append({"id": qid, "format": row.get("format"), "recipe": row.get("recipe"),
-                             "summary": row.get("summary"), "stats_sha256": content_hash(row.get("stats"))})
-    decisions = [{k: d.get(k) for k in ("member", "format", "role", "task", "verdict", "reason", "numbers", "policy_hash")}
-                 for d in store.decisions(run_id)]
-    outcomes = [{k: o.get(k) for k in ("member", "format", "outcome", "shipped_format", "reasons", "policy_hash")}
-                for o in store.outcomes(run_id)]
-    return {
-        "format": PAYLOAD_FORMAT,
-        "run": {k: run.get(k) for k in RUN_SIGNED_FIELDS},
-        "results": results,
-        "quantization": quantization,
-        "decisions": decisions,
-        "outcomes": outcomes,
-        "policy": {"hash": run.get("policy_hash"), "text": run.get("policy_text")},
-        "report_sha256": report_sha256,
-    }
-
-
-def payload_text(payload: dict) -> str:
-    from qgate.store import canonical_json
-
-    return canonical_json(payload)
-
-
-def digest_of(payload: dict) -> str:
-    from qgate.store import content_hash
-
-    return content_hash(payload)
-
-
-def attach_signed_payload(store, model: dict) -> None:
-    """Put the signed payload into a report model that has sign-offs, when the data still matches the
-    latest signature (a report re-rendered after the data changed carries the old digest only)."""
-    from qgate.report.render import content_sha256, render_html
-
-    latest = model["signoffs"][-1]
-    payload = build_payload(store, model["run"]["id"], content_sha256(render_html(model)))
-    model["signed_payload"] = payload_text(payload) if digest_of(payload) == latest["digest"] else None
 
 
 # ---------------------------------------------------------------- signing
@@ -110,9 +46,6 @@ def sign_off(store, run: str | int, *, reviewer: str, approve: bool, comment: st
     Returns (the stored sign-off row, the report path). Bad input raises QgateError before anything
     is written.
     """
-    from qgate.report.data import collect, resolve_run_id
-    from qgate.report.render import content_sha256, default_report_path, render_html, write_atomically
-
     run_id = resolve_run_id(store, run)
     reviewer = (reviewer or "").strip()
     comment = (comment or "").strip() or None
@@ -143,7 +76,7 @@ def sign_off(store, run: str | int, *, reviewer: str, approve: bool, comment: st
                                    digest=digest, comment=comment, override=override)
     model["signoffs"] = [dict(s) for s in store.signoffs(run_id)]
     model["signed_payload"] = payload_text(payload)
-    write_atomically(target, render_html(model))
+    write_atomic(target, render_html(model))
     row = next(s for s in model["signoffs"] if s["id"] == signoff_id)
     return row, target
 
@@ -189,8 +122,6 @@ def _read_report(path: str | Path) -> str:
 
 def _signed_block(html: str, path) -> tuple[dict, dict]:
     """(attributes of the sign-off block, {region name: content}); QgateError if it is not a signed report."""
-    from qgate.report.render import SIGNOFF_PARTS, signoff_regions
-
     if not _META_RUN.search(html):
         raise QgateError(f"REPORT {path}: not a qgate report (no <meta name=\"qgate-run\">)")
     regions = signoff_regions(html)
@@ -254,8 +185,6 @@ def diff_values(signed, current, path: str = "", limit: int = 20) -> list[str]:
 
 
 def _content_diff(file_html: str, expected_html: str, limit: int = 6) -> list[str]:
-    from qgate.report.render import strip_signoff
-
     lines = difflib.unified_diff(strip_signoff(expected_html).splitlines(), strip_signoff(file_html).splitlines(),
                                  "as rendered from the database", "report file", n=0, lineterm="")
     changed = [l for l in lines if l[:1] in "+-" and not l.startswith(("+++", "---"))]
@@ -265,9 +194,6 @@ def _content_diff(file_html: str, expected_html: str, limit: int = 6) -> list[st
 def verify_report(store, path: str | Path) -> Verification:
     """Check a signed report file against the database. Raises QgateError on bad input (not a
     signed qgate report, unknown run or sign-off); otherwise returns a Verification listing problems."""
-    from qgate.report.data import collect
-    from qgate.report.render import content_sha256, render_html, signoff_region_markup
-
     html = _read_report(path)
     attrs, regions = _signed_block(html, path)
     meta_run = _META_RUN.search(html).group(1)

@@ -18,7 +18,6 @@ A step never edits an earlier step: to change an existing table, add a new step 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -630,11 +629,12 @@ def open_store(url: str | os.PathLike | None = None, *, migrate_to: int | None =
         migrate(engine, migrate_to)
     except sa.exc.OperationalError as exc:
         engine.dispose()
-        raise QgateError(f"cannot open database {_redact(resolved)}: {exc.orig}") from None
+        raise QgateError(f"cannot open database {redact_url(resolved)}: {exc.orig}") from None
     return Store(engine, resolved)
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
+    """A database URL fit to print: the password hidden (``***``); the text as given if it is not a URL."""
     try:
         return sa.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - only for a message

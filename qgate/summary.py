@@ -1,10 +1,13 @@
-"""What `qgate run` prints and writes about a GateResult: console text, markdown, JUnit XML.
+"""What `qgate run` prints and writes about a GateResult: console text, markdown, JUnit XML; and the
+markdown helpers every command shares (table cells, the GitHub step summary).
 
-Pure functions of the result's dict (GateResult.to_dict()), so they can be tested on a hand-made one.
+The renderers are pure functions of the result's dict (GateResult.to_dict()), so they can be tested on a
+hand-made one.
 """
 
 from __future__ import annotations
 
+import os
 from xml.sax.saxutils import escape, quoteattr
 
 OUTCOME_WORDS = {"ships": "SHIPS", "fallback": "SHIPS WITH FALLBACK", "blocked": "BLOCKED"}
@@ -33,8 +36,19 @@ def console_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cell(text) -> str:
+def markdown_cell(text) -> str:
+    """Text fit for one cell of a markdown table (or one list item): "|" escaped, newlines as spaces."""
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def append_step_summary(markdown: str) -> bool:
+    """Append to $GITHUB_STEP_SUMMARY when it is set (GitHub Actions); True when written."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return False
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(markdown)
+    return True
 
 
 def markdown(result: dict) -> str:
@@ -44,12 +58,13 @@ def markdown(result: dict) -> str:
            f"(`{result['policy_hash'][:12]}`), exit code {result['exit_code']}.", "",
            "| member | format | outcome | shipped |", "|---|---|---|---|"]
     for m in result["members"]:
-        out.append(f"| {_cell(m['member'])} | {m['format']} | {m['outcome']} | {m['shipped_format'] or '-'} |")
+        out.append(f"| {markdown_cell(m['member'])} | {m['format']} | {m['outcome']} | "
+                   f"{m['shipped_format'] or '-'} |")
     out += ["", "| member | format | role | task | verdict | effect | reason |", "|---|---|---|---|---|---|---|"]
     for t in result["tasks"]:
         effect = t["effect"] + ("" if t["blocking"] else " (advisory)")
-        out.append(f"| {_cell(t['member'])} | {t['format']} | {t['role']} | {_cell(t['task'])} | {t['verdict']} | "
-                   f"{effect} | {_cell(t['reason'])} |")
+        out.append(f"| {markdown_cell(t['member'])} | {t['format']} | {t['role']} | {markdown_cell(t['task'])} | "
+                   f"{t['verdict']} | {effect} | {markdown_cell(t['reason'])} |")
     out += ["", f"{result['evaluations_run']} evaluations run, {result['evaluations_cached']} reused from the store."]
     if result.get("report"):
         out.append(f"Report: `{result['report']}`")

@@ -211,6 +211,16 @@ def test_smollm2_gguf_cache_matches_the_gguf_and_reloads_fast(monkeypatch):
         assert torch.equal(gguf_model(ids).logits, cached.model(ids).logits)
 
 
+def test_gguf_conversions_are_cached_per_transformers_release(monkeypatch, tmp_path):
+    """A conversion saved by one transformers release loaded as a broken model under another (SmolLM2
+    converted by 5.0 and read by 5.24: loss 12.4 instead of 3.0), so each release keeps its own."""
+    from importlib import metadata
+
+    monkeypatch.setenv("QGATE_CACHE", str(tmp_path))
+    folder = models.gguf_cache_dir("ab" * 32)
+    assert folder == tmp_path / "models" / f"gguf-{'ab' * 32}-transformers-{metadata.version('transformers')}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_default_device_is_cuda_with_bf16(tiny_dir):

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from qgate.cli import cli
 from qgate.report.render import content_sha256, render_html, strip_signoff
 from qgate.report.data import collect
-from qgate.signoff import build_payload, digest_of, diff_values
+from qgate.report.payload import build_payload, digest_of
+from qgate.signoff import diff_values
 from qgate.store import evaluations, open_store, samples
 from tests.test_report import populate_store
 
@@ -198,3 +199,16 @@ def test_diff_values_names_paths():
     now = {"results": [{"member": "m", "task": "t", "n": 6}], "policy": {"hash": "b", "text": "x"}}
     assert diff_values(signed, now) == ['policy.hash: "a" -> "b"', 'policy.text: added ("x")', "results[m/t].n: 5 -> 6"]
     assert json.loads(json.dumps(signed)) == signed
+
+
+def test_the_report_package_never_imports_the_signoff_module():
+    """Sign-off sits beside the report and uses it; the report (render included) never imports it back."""
+    import ast
+
+    import qgate.report
+
+    for path in sorted(Path(qgate.report.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "qgate.signoff" or n.startswith("qgate.signoff.") for n in names), path.name

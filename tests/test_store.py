@@ -92,6 +92,13 @@ def test_bad_db_locations_are_one_line_errors(tmp_path):
         open_store("nosuchdialect://x/y")
 
 
+def test_redact_url_hides_the_password_only():
+    assert store_mod.redact_url("postgresql+psycopg://qgate:s3cret@db.example:5432/qgate") == \
+        "postgresql+psycopg://qgate:***@db.example:5432/qgate"
+    assert store_mod.redact_url("sqlite:////tmp/x/qgate.db") == "sqlite:////tmp/x/qgate.db"
+    assert store_mod.redact_url("not a url") == "not a url"
+
+
 def test_content_hash_ignores_key_order_and_tuple_vs_list():
     a = store_mod.content_hash({"b": [1, 2], "a": {"y": 1, "x": 2.5}})
     b = store_mod.content_hash({"a": {"x": 2.5, "y": 1}, "b": (1, 2)})

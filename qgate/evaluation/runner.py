@@ -18,13 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qgate.canonical import json_safe
 from qgate import __version__
+from qgate.canonical import content_hash, json_safe
 from qgate.errors import QgateError
+from qgate.evaluation import data
 from qgate.evaluation.suite import Suite, TaskSpec
+from qgate.metrics import CORPUS_WEIGHTS
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-PERPLEXITY_COUNTS = {"word_perplexity": "words", "byte_perplexity": "bytes", "bits_per_byte": "bytes"}
 STDERR_BOOTSTRAP = 1000  # resamples for corpus-level perplexity stderr (lm-eval reports none for these)
 
 
@@ -90,7 +91,6 @@ def task_manager(task: TaskSpec, metadata: dict | None = None):
 
 def materialize_task_data(task: TaskSpec, tokenizer=None, max_context: int | None = None):
     """The DataFile an offline task reads (None for hub tasks)."""
-    from qgate.evaluation import data
 
     if not task.offline:
         return None
@@ -106,42 +106,17 @@ def context_budget(task: TaskSpec, model_max_length: int) -> int:
     return model_max_length - (task.generation or {}).get("max_gen_toks", 256) - 64
 
 
-def task_config_hash(task: TaskSpec, limit: int | None = None, tokenizer=None,
-                     model_max_length: int | None = None) -> str:
-    """TaskResult.config_hash, computed before evaluating (for cache lookups); hub tasks load their docs."""
-    effective_limit = limit if limit is not None else task.limit
-    if task.offline:
-        budget = context_budget(task, model_max_length) if model_max_length else None
-        data_sha = materialize_task_data(task, tokenizer, budget).sha256
-    else:
-        data_sha = _hub_docs_sha(task, effective_limit)
-    return _config_hash(task, effective_limit, data_sha)
-
-
 def _config_hash(task: TaskSpec, limit: int | None, data_sha: str) -> str:
     import lm_eval
 
     spec = {**task.to_dict(), "limit": limit}
     payload = {"task": spec, "data_sha256": data_sha, "qgate": __version__,
                "lm_eval": getattr(lm_eval, "__version__", "?")}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return content_hash(payload, safe=False, ensure_ascii=True)
 
 
 def _docs_sha(doc_hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(doc_hashes).encode()).hexdigest()
-
-
-def _hub_docs_sha(task: TaskSpec, limit: int | None) -> str:
-    """sha256 over lm-eval's doc_hash of each document the task would evaluate (subtasks in name order)."""
-    from lm_eval.utils import handle_non_serializable, hash_string
-
-    with _quiet_lm_eval():
-        loaded = task_manager(task).load([task.lm_eval_task])["tasks"]
-    hashes = []
-    for name in sorted(loaded):
-        for _, doc in loaded[name].doc_iterator(limit=limit):
-            hashes.append(hash_string(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)))
-    return _docs_sha(hashes)
 
 
 def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm=None) -> TaskResult:
@@ -366,10 +341,10 @@ def _base_sample(s: dict) -> dict:
 
 
 def _add_score(scores: dict, name: str, metric: str, value: Any) -> None:
-    if isinstance(value, (list, tuple)) and len(value) == 2 and metric in PERPLEXITY_COUNTS:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and metric in CORPUS_WEIGHTS:
         loglikelihood, count = float(value[0]), int(value[1])
         scores["loglikelihood"] = loglikelihood
-        scores[PERPLEXITY_COUNTS[metric]] = count
+        scores[CORPUS_WEIGHTS[metric]] = count
         return
     if isinstance(value, (list, tuple)):  # per-instruction outcomes (IFEval): keep the rate and the count
         if value:

@@ -7,8 +7,6 @@ qgate.evaluation.data materializes from installed packages), the primary metric 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +14,9 @@ from typing import Any
 
 import yaml
 
+from qgate.canonical import content_hash
 from qgate.errors import QgateError
+from qgate.evaluation import data as data_sources
 
 SUITE_KEYS = {"suite", "description", "defaults", "tasks"}
 TASK_KEYS = {
@@ -28,11 +28,6 @@ GENERATION_KEYS = {"max_gen_toks", "until"}
 PER_SAMPLE_KINDS = ("binary", "continuous")
 DEFAULT_SEED = 1234
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-def _canonical_hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class TaskSpec:
 
     @property
     def hash(self) -> str:
-        return _canonical_hash(self.to_dict())
+        return content_hash(self.to_dict(), safe=False)
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,7 @@ class Suite:
     @property
     def hash(self) -> str:
         """sha256 of the canonical content (name + resolved tasks); the file's formatting does not matter."""
-        return _canonical_hash({"suite": self.name, "tasks": [t.to_dict() for t in self.tasks]})
+        return content_hash({"suite": self.name, "tasks": [t.to_dict() for t in self.tasks]}, safe=False)
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -195,8 +190,6 @@ def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
 
 
 def _parse_task(d: dict, where: str, bad) -> TaskSpec:
-    from qgate.evaluation import data as data_sources
-
     unknown = set(d) - TASK_KEYS
     if unknown:
         raise bad(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(TASK_KEYS))})")

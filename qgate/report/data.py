@@ -27,9 +27,6 @@ be empty; numbers may be None where unknown):
 
 from __future__ import annotations
 
-REPORT_KEYS = ("run", "members", "results", "needle", "quantization", "footprint", "flips", "flip_counts",
-               "history", "signoffs")
-
 OUTCOME_TITLES = {
     "ships": "ships as requested",
     "fallback": "ships with fallback",

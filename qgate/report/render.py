@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 from markupsafe import Markup
 
+from qgate.files import write_atomic
 from qgate.report import svg
-from qgate.report.data import OUTCOME_TITLES
+from qgate.report.data import OUTCOME_TITLES, collect
+from qgate.report.payload import payload_if_signed
 
 TEMPLATES = Path(__file__).parent / "templates"
 SIGNOFF_PARTS = ("meta", "note", "block")
@@ -246,29 +246,11 @@ def default_report_path(family: str, run_id) -> Path:
     return Path("reports") / f"{safe}.html"
 
 
-def write_atomically(path: Path, text: str) -> Path:
-    """Write via a temporary file in the same folder, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def render_run(store, run_id, path=None) -> Path:
     """Collect the run from the store, render it (with its sign-offs, if any) and write the file."""
-    from qgate.report.data import collect
-
     model = collect(store, run_id)
     if model["signoffs"]:
-        from qgate.signoff import attach_signed_payload
-
-        attach_signed_payload(store, model)
+        model["signed_payload"] = payload_if_signed(store, model["run"]["id"], content_sha256(render_html(model)),
+                                                    model["signoffs"][-1]["digest"])
     target = Path(path) if path is not None else default_report_path(model["run"]["family"], model["run"]["id"])
-    return write_atomically(target, render_html(model))
+    return write_atomic(target, render_html(model))
