@@ -26,7 +26,7 @@ import torch
 
 from qgate.errors import QgateError
 from qgate.hf_cache import cache_argument
-from qgate.formats import SCALE_E4M3_FP32, SCALE_FP32_TENSOR
+from qgate.formats import ScaleKind
 
 KEEP = "keep"
 CANDIDATE = "$candidate"
@@ -367,7 +367,7 @@ class Promotion:
 # Quantizing one tensor, chunk by chunk
 # --------------------------------------------------------------------------------------------
 
-_PER_TENSOR_SCALES = (SCALE_E4M3_FP32, SCALE_FP32_TENSOR)  # nvfp4's second-level scale, fp8's single scale
+_PER_TENSOR_SCALES = (ScaleKind.E4M3_FP32, ScaleKind.FP32_TENSOR)  # nvfp4's second-level scale, fp8's single scale
 _CHUNK_ELEMENTS = 1 << 20  # 1M values (4 MB in float32) per chunk bounds the temporaries
 
 
@@ -410,21 +410,21 @@ class _TensorQuantizer:
     def saturated(self, block_amax: torch.Tensor) -> torch.Tensor:
         """Blocks whose largest magnitude exceeds the element's largest value at the block's scale."""
         from qgate.backends import reference as ref
-        from qgate.formats import E2M1, E4M3, SCALE_E4M3_FP32, SCALE_E8M0, SCALE_FP32_CHANNEL, SCALE_FP32_TENSOR
+        from qgate.formats import E2M1, E4M3
 
         elem = self.fmt.element
         finite = torch.isfinite(block_amax) & (block_amax > 0)
         amax = torch.where(finite, block_amax, 1.0)
-        if self.fmt.scale == SCALE_E8M0:
+        if self.fmt.scale is ScaleKind.E8M0:
             scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem, self.fmt.scale_rule))
-        elif self.fmt.scale == SCALE_E4M3_FP32:
+        elif self.fmt.scale is ScaleKind.E4M3_FP32:
             # the reference's own scale functions, so CUDA and CPU count the same blocks
             s_tensor = ref.true_div(self.tensor_amax, E2M1.max_value * E4M3.max_value)
             s_tensor = torch.where(s_tensor > 0, s_tensor, 1.0)
             scaled = amax / (ref.nvfp4_block_scale(amax, s_tensor) * s_tensor)
-        elif self.fmt.scale == SCALE_FP32_TENSOR:
+        elif self.fmt.scale is ScaleKind.FP32_TENSOR:
             scaled = amax / torch.where(self.tensor_amax > 0, ref.true_div(self.tensor_amax, E4M3.max_value), 1.0)
-        elif self.fmt.scale == SCALE_FP32_CHANNEL:
+        elif self.fmt.scale is ScaleKind.FP32_CHANNEL:
             scaled = amax / ref.true_div(amax, E4M3.max_value)
         else:
             return torch.zeros_like(finite)
