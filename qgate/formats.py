@@ -1,8 +1,9 @@
-"""Numeric formats as data, their registry, and the public fake-quantization API.
+"""Numeric formats as data: element types, scale kinds, the format registry. Imports no kernel.
 
 A format says what one stored value is (its element type), how values share a scale (block size
-and scale type) and what that costs (effective bits per value). The arithmetic lives in the
-backends; `qgate.backends.reference` is the definition every other backend must match bit for bit.
+and scale kind) and what that costs (effective bits per value). The arithmetic lives in the
+backends (`qgate.backends.fake_quantize`); `qgate.backends.reference` is the definition every other
+backend must match bit for bit, and `qgate.encoding` packs real codes.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import asdict, dataclass
-
-import torch
 
 from qgate.errors import UsageError
 
@@ -51,7 +50,7 @@ E2M3 = ElementType("e2m3", ebits=2, mbits=3, bias=1, max_value=7.5)
 E4M3 = ElementType("e4m3", ebits=4, mbits=3, bias=7, max_value=448.0)
 E5M2 = ElementType("e5m2", ebits=5, mbits=2, bias=15, max_value=57344.0)
 INT8 = ElementType("int8", ebits=0, mbits=7, bias=0, max_value=127 / 64, is_int=True)
-BF16 = ElementType("bf16", ebits=8, mbits=7, bias=127, max_value=float(torch.finfo(torch.bfloat16).max))
+BF16 = ElementType("bf16", ebits=8, mbits=7, bias=127, max_value=(2 - 2**-7) * 2.0**127)  # torch.finfo(bfloat16).max
 
 class ScaleKind(enum.Enum):
     """How values share a scale, by how the scale is stored. The values are the names written in
@@ -157,27 +156,3 @@ def get_format(fmt: str | Format) -> Format:
         return _REGISTRY[fmt]
     except (KeyError, TypeError):
         raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(_REGISTRY)}") from None
-
-
-def fake_quantize(x: torch.Tensor, fmt: str | Format, backend: str | None = None) -> torch.Tensor:
-    """Quantize and dequantize `x` in `fmt`; same shape and dtype, blocks along the last dimension."""
-    from qgate.backends import get_backend
-
-    f = get_format(fmt)
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UsageError(f"fake_quantize expects a float32, float16 or bfloat16 tensor, got {got}")
-    return get_backend(backend, device=x.device).fake_quantize(x, f)
-
-
-def encode(x: torch.Tensor, fmt: str | Format):
-    """Pack `x` into real codes and scales (see qgate.encoding.Encoded)."""
-    from qgate.encoding import encode as _encode
-
-    return _encode(x, get_format(fmt))
-
-
-def decode(encoded) -> torch.Tensor:
-    from qgate.encoding import decode as _decode
-
-    return _decode(encoded)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qgate import backends
+from qgate.backends import fake_quantize
 from qgate.errors import UsageError
-from qgate.formats import fake_quantize
 
 
 def test_reference_is_default_on_cpu():

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ from click.testing import CliRunner
 import bruteforce
 from qgate.cli import cli
 from qgate.encoding import decode, encode
+from qgate.backends import fake_quantize
 from qgate.errors import UsageError
-from qgate.formats import ScaleKind, fake_quantize, get_format, list_formats
+from qgate.formats import ScaleKind, get_format, list_formats
 
 QUANTIZED = [f.name for f in list_formats() if not f.is_identity]
 MX = [f.name for f in list_formats() if f.scale is ScaleKind.E8M0]
@@ -332,3 +336,13 @@ def test_max_values_match_the_design_table():
         assert get_format(name).element.emax == bruteforce.EMAX[bruteforce.FORMAT_ELEMENT[name]]
     assert math.isclose(get_format("mxfp4").bits_per_value, 4 + 8 / 32)
     assert np.isclose(get_format("nvfp4").bits_per_value, 4 + 8 / 16)
+
+
+def test_formats_are_data_and_import_no_kernel():
+    """qgate.formats imports neither torch nor a backend, and a scale kind is an enum whose name is kept."""
+    code = ("import sys, qgate.formats; "
+            "assert not {'torch', 'qgate.backends', 'qgate.encoding'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    assert get_format("nvfp4").scale is ScaleKind.E4M3_FP32
+    assert get_format("bf16").element.max_value == float(torch.finfo(torch.bfloat16).max)
+    assert get_format("fp8").to_dict()["scale"] == "fp32/tensor"

@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from qgate import quantize as q
+from qgate.backends import fake_quantize
 from qgate.cli import cli
 from qgate.errors import QgateError
-from qgate.formats import fake_quantize
 from qgate.hf_cache import cache_argument, output_cache
 from qgate.models import build_tiny_model
 

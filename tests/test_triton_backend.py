@@ -284,7 +284,7 @@ def test_nvfp4_block_pass_with_known_amax():
 
 @gpu
 def test_triton_is_the_default_on_cuda_and_fake_quantize_uses_it():
-    from qgate.formats import fake_quantize
+    from qgate.backends import fake_quantize
 
     assert get_backend(None, device="cuda").name == "triton"
     assert get_backend(None, device="cpu").name == "reference"

@@ -1,4 +1,4 @@
-"""Registry of kernel backends: built-ins plus third parties from the entry-point group `qgate.backends`.
+"""Kernel backends: their registry (built-ins plus the entry-point group `qgate.backends`) and `fake_quantize`.
 
 A third-party package registers a Backend subclass (or a factory returning one) under
 [project.entry-points."qgate.backends"]; it is instantiated on first use.
@@ -12,6 +12,7 @@ import torch
 
 from qgate.backends.base import Backend
 from qgate.errors import UsageError
+from qgate.formats import Format, get_format
 
 ENTRY_POINT_GROUP = "qgate.backends"
 
@@ -83,4 +84,13 @@ def get_backend(name: str | None = None, device: torch.device | str | None = Non
     return backend
 
 
-__all__ = ["Backend", "get_backend", "list_backends", "register_backend", "ENTRY_POINT_GROUP"]
+def fake_quantize(x: torch.Tensor, fmt: str | Format, backend: str | None = None) -> torch.Tensor:
+    """Quantize and dequantize `x` in `fmt`; same shape and dtype, blocks along the last dimension."""
+    f = get_format(fmt)
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise UsageError(f"fake_quantize expects a float32, float16 or bfloat16 tensor, got {got}")
+    return get_backend(backend, device=x.device).fake_quantize(x, f)
+
+
+__all__ = ["Backend", "fake_quantize", "get_backend", "list_backends", "register_backend", "ENTRY_POINT_GROUP"]
