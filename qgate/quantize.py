@@ -719,7 +719,7 @@ def quantize_model(
       format name; blocks along K (the input's last dimension).
     kv_quant: None or a format name: keys after RoPE and values as they enter the KV cache.
     """
-    from qgate.backends import get_backend
+    from qgate.backends import check_support, get_backend
     from qgate.formats import get_format
 
     started = time.perf_counter()
@@ -737,7 +737,11 @@ def quantize_model(
         return backends[key]
 
     first_param = next(model.parameters(), None)
-    backend_name = backend_for(first_param.device if first_param is not None else torch.device("cpu")).name
+    first_backend = backend_for(first_param.device if first_param is not None else torch.device("cpu"))
+    backend_name = first_backend.name
+    weight_formats = {t.format for t in plan.targets if t.format is not None} | ({promotion.to} if promotion else set())
+    for weight_format in sorted(weight_formats):  # checked before any tensor changes
+        check_support(first_backend, weight_format, name=backend)
 
     todo = [t for t in plan.targets if t.format is not None]
     bar = _Progress(len(todo), progress)
@@ -759,6 +763,8 @@ def quantize_model(
     act_name = None
     if act_quant:
         act_name = "weight" if act_quant is True else get_format(act_quant).name
+        if act_quant is not True:
+            check_support(first_backend, act_name, name=backend)
         for target in todo:
             weight_fmt = get_format(target.format if act_quant is True else act_quant)
             for module, attr in target.owners:
@@ -769,6 +775,7 @@ def quantize_model(
     if kv_quant:
         kv_fmt = get_format(kv_quant)
         kv_name = kv_fmt.name
+        check_support(first_backend, kv_fmt, name=backend)
         import inspect
 
         if cache_argument() not in inspect.signature(model.forward).parameters:
