@@ -255,7 +255,7 @@ def footprint(
 ) -> Footprint:
     """Bytes per tensor group and in total for `model` (see load_config) quantized with `recipe`."""
     from qgate.formats import get_format
-    from qgate.quantize import load_recipe, plan_model, tensor_bits
+    from qgate.recipes import load_recipe, plan_model, tensor_bits
 
     if bandwidth is not None and not bandwidth > 0:
         raise QgateError(f"bandwidth {bandwidth}: expected a positive number of bytes per second")

@@ -13,7 +13,8 @@ import pytest
 
 from qgate.canonical import content_hash
 from qgate.formats import list_formats
-from qgate.quantize import QuantizationResult, load_recipe
+from qgate.quantize import QuantizationResult
+from qgate.recipes import Promotion, load_recipe, quant_config
 
 RECIPES = ("uniform", "uniform-all", "mixed-fp4")
 BACKENDS = ("reference", "triton")
@@ -61,8 +62,6 @@ FORMATS_JSON_DIGEST = "2f547ee9388f7df1edb7a68ff59c8f56a2128feff8ed42500dc4cd7f7
 
 def _config(fmt, recipe, backend, promote=None, act_quant=None, kv_quant=None) -> dict:
     """QuantizationResult.config() as quantize_model would report it (normalized options)."""
-    from qgate.quantize import Promotion
-
     return QuantizationResult(format=fmt, recipe=load_recipe(recipe), backend=backend, promote=Promotion.parse(promote),
                               act_quant=act_quant, kv_quant=kv_quant, tensors=[], kept=[], untied=[],
                               quantized_bytes=0.0, bf16_bytes=0.0, params=0).config()
@@ -71,11 +70,13 @@ def _config(fmt, recipe, backend, promote=None, act_quant=None, kv_quant=None) -
 @pytest.mark.parametrize("key", list(PINNED_CONFIGS), ids=lambda k: "-".join(str(p) for p in k if p))
 def test_quantization_config_hashes_are_pinned(key):
     assert content_hash(_config(*key)) == PINNED_CONFIGS[key]
+    assert content_hash(quant_config(*key)) == PINNED_CONFIGS[key]  # planned without a model: the same key
 
 
 def test_quantization_config_hashes_of_custom_recipes_are_pinned():
-    custom = _config("mxfp4", CUSTOM_RECIPE, "reference", {"to": "mxfp6_e2m3", "max_rel_error": 0.5}, "mxfp8_e4m3")
-    assert content_hash(custom) == "4188fb016dab5ce2cce283423cafe135f82621fde4359864f5d4d3f1bc23f603"
+    options = ("mxfp4", CUSTOM_RECIPE, "reference", {"to": "mxfp6_e2m3", "max_rel_error": 0.5}, "mxfp8_e4m3")
+    assert content_hash(_config(*options)) == "4188fb016dab5ce2cce283423cafe135f82621fde4359864f5d4d3f1bc23f603"
+    assert content_hash(quant_config(*options)) == "4188fb016dab5ce2cce283423cafe135f82621fde4359864f5d4d3f1bc23f603"
     no_candidate = _config(None, {"name": "x", "rules": [{"match": ".", "format": "fp8"}]}, "reference")
     assert content_hash(no_candidate) == "aa58ef1d0dd3368eb320e82ea549817c93fec162239451ba4df723d2129ee227"
 
@@ -85,6 +86,9 @@ def test_every_format_recipe_and_backend_hashes_as_pinned():
               for f in list_formats() for r in RECIPES for b in BACKENDS}
     assert len(hashes) == 96
     assert content_hash(hashes) == ALL_CONFIGS_DIGEST
+    planned = {f"{f.name}/{r}/{b}": content_hash(quant_config(f.name, r, b))
+               for f in list_formats() for r in RECIPES for b in BACKENDS}
+    assert planned == hashes
 
 
 def test_format_records_and_formats_json_are_pinned():
