@@ -330,14 +330,6 @@ def test_quantizing_adds_less_than_one_tensor_of_memory():
     assert grown < tensor_bytes, f"peak grew by {grown / 1e6:.0f} MB for a {tensor_bytes / 1e6:.0f} MB tensor"
 
 
-# --- the reference text -----------------------------------------------------------------------
-
-
-def test_reference_text_is_the_pinned_slice():
-    text, digest = q.reference_text()
-    assert len(text) == q.REFERENCE_TEXT_CHARS and digest == q.REFERENCE_TEXT_SHA256
-
-
 # --- CLI errors (exit 2, one line) ------------------------------------------------------------
 
 
