@@ -13,14 +13,10 @@ import torch
 
 from qgate.backends import reference as ref
 from qgate.formats import (
-    SCALE_E4M3_FP32,
-    SCALE_E8M0,
-    SCALE_FP32_CHANNEL,
-    SCALE_FP32_TENSOR,
-    SCALE_NONE,
     E4M3,
     ElementType,
     Format,
+    ScaleKind,
     get_format,
 )
 
@@ -110,29 +106,29 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def encode(x: torch.Tensor, fmt: Format | str) -> Encoded:
     fmt = get_format(fmt)
     shape, dtype = tuple(x.shape), x.dtype
-    if fmt.scale == SCALE_NONE:
+    if fmt.scale is ScaleKind.NONE:
         raw = x.contiguous().reshape(-1).view(torch.uint8)
         return Encoded(fmt.name, shape, dtype, raw.clone(), None, None)
     xf = x.to(torch.float32)
     elem = fmt.element
-    if fmt.scale in (SCALE_FP32_TENSOR, SCALE_FP32_CHANNEL):
+    if fmt.scale in (ScaleKind.FP32_TENSOR, ScaleKind.FP32_CHANNEL):
         rows = xf.reshape(-1, xf.shape[-1])
-        s = ref.fp8_scales(rows, per_row=fmt.scale == SCALE_FP32_CHANNEL)
+        s = ref.fp8_scales(rows, per_row=fmt.scale is ScaleKind.FP32_CHANNEL)
         codes = element_to_code(ref.round_to_element(rows / s, elem), elem)
         codes = torch.where(torch.isfinite(rows), codes, E4M3_NAN)
         return Encoded(fmt.name, shape, dtype, pack(codes, elem.bits), None, s.reshape(-1).clone())
     xb, _ = ref._blocks(xf, fmt.block_size)
-    if fmt.scale == SCALE_E8M0:
+    if fmt.scale is ScaleKind.E8M0:
         q, shared, bad = ref.quantize_mx_blocks(xb, elem, fmt.scale_rule)
         scales = torch.where(bad, E8M0_NAN, shared + E8M0_BIAS).to(torch.uint8)
         tensor_scales = None
-    elif fmt.scale == SCALE_E4M3_FP32:
+    elif fmt.scale is ScaleKind.E4M3_FP32:
         s_tensor = ref.nvfp4_tensor_scale(xf)
         q, s_block, _, bad = ref.quantize_nvfp4_blocks(xb, s_tensor)
         scales = torch.where(bad, E4M3_NAN, element_to_code(s_block, E4M3)).to(torch.uint8)
         tensor_scales = s_tensor.reshape(1).clone()
     else:
-        raise AssertionError(fmt.scale)
+        raise AssertionError(fmt.scale.value)
     codes = element_to_code(torch.where(bad.unsqueeze(-1), 0.0, q), elem)
     return Encoded(fmt.name, shape, dtype, pack(codes, elem.bits), scales.reshape(-1), tensor_scales)
 
@@ -140,12 +136,12 @@ def encode(x: torch.Tensor, fmt: Format | str) -> Encoded:
 def decode(enc: Encoded) -> torch.Tensor:
     fmt = get_format(enc.format)
     shape = torch.Size(enc.shape)
-    if fmt.scale == SCALE_NONE:
+    if fmt.scale is ScaleKind.NONE:
         return enc.codes.view(enc.dtype).reshape(shape).clone()
     elem = fmt.element
     last = shape[-1] if len(shape) else 1
     n_rows = shape.numel() // last if last else 0
-    if fmt.scale in (SCALE_FP32_TENSOR, SCALE_FP32_CHANNEL):
+    if fmt.scale in (ScaleKind.FP32_TENSOR, ScaleKind.FP32_CHANNEL):
         codes = unpack(enc.codes, elem.bits, shape.numel()).view(n_rows, last)
         s = enc.tensor_scales.view(-1, 1)
         out = code_to_element(codes, elem) * s
@@ -155,7 +151,7 @@ def decode(enc: Encoded) -> torch.Tensor:
     n_blocks = -(-last // block)
     codes = unpack(enc.codes, elem.bits, n_rows * n_blocks * block).view(n_rows, n_blocks, block)
     q = code_to_element(codes, elem)
-    if fmt.scale == SCALE_E8M0:
+    if fmt.scale is ScaleKind.E8M0:
         e = enc.scales.view(n_rows, n_blocks).to(torch.int32)
         out = q * ref.exact_pow2(e - E8M0_BIAS).unsqueeze(-1)
         bad = e == E8M0_NAN

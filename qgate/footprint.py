@@ -16,11 +16,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qgate.errors import QgateError
+
+if TYPE_CHECKING:
+    import torch
 
 # H100 SXM (HBM3): the default for the roofline when no bandwidth is given
 DEFAULT_BANDWIDTH = 3.35e12
@@ -237,6 +238,7 @@ def _hub_config(repo: str, revision: str | None):
 
 def meta_model(config) -> torch.nn.Module:
     """The model's module tree on the meta device: every shape, no memory."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     try:
@@ -255,7 +257,7 @@ def footprint(
 ) -> Footprint:
     """Bytes per tensor group and in total for `model` (see load_config) quantized with `recipe`."""
     from qgate.formats import get_format
-    from qgate.quantize import load_recipe, plan_model, tensor_bits
+    from qgate.recipes import load_recipe, plan_model, tensor_bits
 
     if bandwidth is not None and not bandwidth > 0:
         raise QgateError(f"bandwidth {bandwidth}: expected a positive number of bytes per second")

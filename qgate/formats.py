@@ -1,16 +1,16 @@
-"""Numeric formats as data, their registry, and the public fake-quantization API.
+"""Numeric formats as data: element types, scale kinds, the format registry. Imports no kernel.
 
 A format says what one stored value is (its element type), how values share a scale (block size
-and scale type) and what that costs (effective bits per value). The arithmetic lives in the
-backends; `qgate.backends.reference` is the definition every other backend must match bit for bit.
+and scale kind) and what that costs (effective bits per value). The arithmetic lives in the
+backends (`qgate.backends.fake_quantize`); `qgate.backends.reference` is the definition every other
+backend must match bit for bit, and `qgate.encoding` packs real codes.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import asdict, dataclass
-
-import torch
 
 from qgate.errors import UsageError
 
@@ -50,14 +50,17 @@ E2M3 = ElementType("e2m3", ebits=2, mbits=3, bias=1, max_value=7.5)
 E4M3 = ElementType("e4m3", ebits=4, mbits=3, bias=7, max_value=448.0)
 E5M2 = ElementType("e5m2", ebits=5, mbits=2, bias=15, max_value=57344.0)
 INT8 = ElementType("int8", ebits=0, mbits=7, bias=0, max_value=127 / 64, is_int=True)
-BF16 = ElementType("bf16", ebits=8, mbits=7, bias=127, max_value=float(torch.finfo(torch.bfloat16).max))
+BF16 = ElementType("bf16", ebits=8, mbits=7, bias=127, max_value=(2 - 2**-7) * 2.0**127)  # torch.finfo(bfloat16).max
 
-# Scale kinds, by how the shared scale is stored.
-SCALE_E8M0 = "e8m0"                 # OCP MX: one power of two per block
-SCALE_E4M3_FP32 = "e4m3*fp32"       # NVFP4: an E4M3 scale per block times one FP32 scale per tensor
-SCALE_FP32_TENSOR = "fp32/tensor"   # one FP32 scale for the whole tensor
-SCALE_FP32_CHANNEL = "fp32/channel" # one FP32 scale per row (output channel of a Linear weight)
-SCALE_NONE = "none"
+class ScaleKind(enum.Enum):
+    """How values share a scale, by how the scale is stored. The values are the names written in
+    Format.to_dict() (hashed into store keys) and `qgate formats --json`: never change them."""
+
+    E8M0 = "e8m0"                  # OCP MX: one power of two per block
+    E4M3_FP32 = "e4m3*fp32"        # NVFP4: an E4M3 scale per block times one FP32 scale per tensor
+    FP32_TENSOR = "fp32/tensor"    # one FP32 scale for the whole tensor
+    FP32_CHANNEL = "fp32/channel"  # one FP32 scale per row (output channel of a Linear weight)
+    NONE = "none"                  # no scale: not quantized
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ class Format:
     name: str
     element: ElementType
     block_size: int | None
-    scale: str
+    scale: ScaleKind  # its string value is accepted too
     bits_per_value: float
     description: str
     # how an E8M0 block scale is chosen: "floor" (OCP MX: 2^(floor(log2 amax) - emax_elem)) or "rceil"
@@ -73,42 +76,47 @@ class Format:
     # capped at 2^(127 - emax_elem) so that every element times its scale stays finite in float32)
     scale_rule: str = "floor"
 
+    def __post_init__(self):
+        if not isinstance(self.scale, ScaleKind):
+            object.__setattr__(self, "scale", ScaleKind(self.scale))
+
     @property
     def max_value(self) -> float | None:
         """Largest element value (before scaling); None where nothing is quantized."""
-        return None if self.scale == SCALE_NONE else self.element.max_value
+        return None if self.scale is ScaleKind.NONE else self.element.max_value
 
     @property
     def is_identity(self) -> bool:
-        return self.scale == SCALE_NONE
+        return self.scale is ScaleKind.NONE
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "element": self.element.name,
             "block_size": self.block_size,
-            "scale": self.scale,
+            "scale": self.scale.value,
             "bits_per_value": self.bits_per_value,
             "max_value": self.max_value,
-            "scale_rule": self.scale_rule if self.scale == SCALE_E8M0 else None,
+            "scale_rule": self.scale_rule if self.scale is ScaleKind.E8M0 else None,
             "description": self.description,
         }
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["element"] = asdict(self.element)
+        d["scale"] = self.scale.value
         if d["scale_rule"] == "floor":  # the default is left out, so formats hash as they did before variants existed
             del d["scale_rule"]
         return d
 
 
 def _mx(name: str, element: ElementType, bits: float) -> Format:
-    return Format(name, element, 32, SCALE_E8M0, bits, f"OCP MX v1.0, {element.name.upper()} elements, block 32, E8M0 scale")
+    return Format(name, element, 32, ScaleKind.E8M0, bits, f"OCP MX v1.0, {element.name.upper()} elements, block 32, E8M0 scale")
 
 
 def _mx_rceil(floor_format: Format) -> Format:
     """The same MX format with the scale rounded up (RCEIL): a variant under its own name, never silent."""
-    return Format(f"{floor_format.name}_rceil", floor_format.element, 32, SCALE_E8M0, floor_format.bits_per_value,
+    return Format(f"{floor_format.name}_rceil", floor_format.element, 32, ScaleKind.E8M0, floor_format.bits_per_value,
                   f"{floor_format.description}, scale rounded up (RCEIL: 2^ceil(log2(amax / {floor_format.element.max_value:g})), "
                   "as cuBLAS/ModelOpt; no block clips)", scale_rule="rceil")
 
@@ -128,11 +136,11 @@ _REGISTRY: dict[str, Format] = {
     for f in (
         *_MX_FORMATS,
         *(_mx_rceil(f) for f in _MX_FORMATS),
-        Format("nvfp4", E2M1, 16, SCALE_E4M3_FP32, 4.5,
+        Format("nvfp4", E2M1, 16, ScaleKind.E4M3_FP32, 4.5,
                "NVFP4: E2M1 elements, block 16, E4M3 block scale times an FP32 tensor scale"),
-        Format("fp8", E4M3, None, SCALE_FP32_TENSOR, 8.0, "FP8 E4M3 with one FP32 scale per tensor"),
-        Format("fp8_channel", E4M3, None, SCALE_FP32_CHANNEL, 8.0, "FP8 E4M3 with one FP32 scale per row"),
-        Format("bf16", BF16, None, SCALE_NONE, 16.0, "no quantization (the baseline)"),
+        Format("fp8", E4M3, None, ScaleKind.FP32_TENSOR, 8.0, "FP8 E4M3 with one FP32 scale per tensor"),
+        Format("fp8_channel", E4M3, None, ScaleKind.FP32_CHANNEL, 8.0, "FP8 E4M3 with one FP32 scale per row"),
+        Format("bf16", BF16, None, ScaleKind.NONE, 16.0, "no quantization (the baseline)"),
     )
 }
 
@@ -148,27 +156,3 @@ def get_format(fmt: str | Format) -> Format:
         return _REGISTRY[fmt]
     except (KeyError, TypeError):
         raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(_REGISTRY)}") from None
-
-
-def fake_quantize(x: torch.Tensor, fmt: str | Format, backend: str | None = None) -> torch.Tensor:
-    """Quantize and dequantize `x` in `fmt`; same shape and dtype, blocks along the last dimension."""
-    from qgate.backends import get_backend
-
-    f = get_format(fmt)
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise UsageError(f"fake_quantize expects a float32, float16 or bfloat16 tensor, got {got}")
-    return get_backend(backend, device=x.device).fake_quantize(x, f)
-
-
-def encode(x: torch.Tensor, fmt: str | Format):
-    """Pack `x` into real codes and scales (see qgate.encoding.Encoded)."""
-    from qgate.encoding import encode as _encode
-
-    return _encode(x, get_format(fmt))
-
-
-def decode(encoded) -> torch.Tensor:
-    from qgate.encoding import decode as _decode
-
-    return _decode(encoded)

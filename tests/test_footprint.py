@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,6 +80,16 @@ def test_meta_model_holds_no_memory():
 
     module = meta_model(load_config(QWEN25_72B))
     assert {p.device.type for p in module.parameters()} == {"meta"}
+
+
+def test_footprint_and_the_report_need_recipes_not_the_kernel_loop():
+    code = ("import sys, qgate.report.roofline; assert 'torch' not in sys.modules; "
+            "from qgate.footprint import footprint; "
+            "fp = footprint({'model_type': 'qwen2', 'hidden_size': 64, 'num_hidden_layers': 2, "
+            "'intermediate_size': 128, 'num_attention_heads': 4, 'num_key_value_heads': 2, 'vocab_size': 256}, "
+            "'mxfp4', 'mixed-fp4'); assert fp.total_bytes < fp.bf16_bytes; "
+            "assert not {'qgate.quantize', 'qgate.backends'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_tensor_groups():

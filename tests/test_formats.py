@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +17,12 @@ from click.testing import CliRunner
 import bruteforce
 from qgate.cli import cli
 from qgate.encoding import decode, encode
+from qgate.backends import fake_quantize
 from qgate.errors import UsageError
-from qgate.formats import fake_quantize, get_format, list_formats
+from qgate.formats import ScaleKind, get_format, list_formats
 
 QUANTIZED = [f.name for f in list_formats() if not f.is_identity]
-MX = [f.name for f in list_formats() if f.scale == "e8m0"]
+MX = [f.name for f in list_formats() if f.scale is ScaleKind.E8M0]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -60,12 +64,12 @@ def test_exact_ties_round_half_to_even(fmt):
         chunk = list(mids[start:start + block - 1])
         rows.append(chunk + [values[-1]] + [0.0] * (block - 1 - len(chunk)))
     x = torch.tensor(rows, dtype=torch.float32)
-    if f.scale == "e4m3*fp32":
+    if f.scale is ScaleKind.E4M3_FP32:
         x = x * 448
     got = fake_quantize(x, fmt)
     want = torch.from_numpy(bruteforce.fake_quantize(x.numpy(), fmt))
     assert same_bits(got, want)
-    if f.scale == "e8m0" and f.element.name != "int8":
+    if f.scale is ScaleKind.E8M0 and f.element.name != "int8":
         # the tie values must land on the even neighbour, not merely agree with the brute force
         even_vals = [v for v, e in zip(*bruteforce.grid(bruteforce.FORMAT_ELEMENT[fmt])) if e]
         flat = got[:, : block - 1].reshape(-1)[: n]
@@ -284,7 +288,7 @@ def test_encode_decode_round_trip_and_size(fmt, dtype):
     if f.is_identity:
         assert enc.nbytes == n * x.element_size()
         return
-    fixed = {"e4m3*fp32": 4, "fp32/tensor": 4, "fp32/channel": 4 * x.shape[0]}.get(f.scale, 0)
+    fixed = {ScaleKind.E4M3_FP32: 4, ScaleKind.FP32_TENSOR: 4, ScaleKind.FP32_CHANNEL: 4 * x.shape[0]}.get(f.scale, 0)
     assert enc.nbytes == n * f.bits_per_value / 8 + fixed
 
 
@@ -332,3 +336,13 @@ def test_max_values_match_the_design_table():
         assert get_format(name).element.emax == bruteforce.EMAX[bruteforce.FORMAT_ELEMENT[name]]
     assert math.isclose(get_format("mxfp4").bits_per_value, 4 + 8 / 32)
     assert np.isclose(get_format("nvfp4").bits_per_value, 4 + 8 / 16)
+
+
+def test_formats_are_data_and_import_no_kernel():
+    """qgate.formats imports neither torch nor a backend, and a scale kind is an enum whose name is kept."""
+    code = ("import sys, qgate.formats; "
+            "assert not {'torch', 'qgate.backends', 'qgate.encoding'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    assert get_format("nvfp4").scale is ScaleKind.E4M3_FP32
+    assert get_format("bf16").element.max_value == float(torch.finfo(torch.bfloat16).max)
+    assert get_format("fp8").to_dict()["scale"] == "fp32/tensor"

@@ -51,7 +51,7 @@ def test_kv_quantization_and_fast_lm_use_no_deprecated_argument(transformers_log
         with torch.no_grad():
             out = model(ids, use_cache=True)
             keys = output_cache(out).layers[0].keys
-            assert torch.equal(keys, __import__("qgate.formats", fromlist=["x"]).fake_quantize(keys, "mxfp8_e4m3"))
+            assert torch.equal(keys, __import__("qgate.backends", fromlist=["x"]).fake_quantize(keys, "mxfp8_e4m3"))
         result.remove_hooks()
         lm = FastLM(model, tokenizer)
         req = Instance("generate_until", {}, ("Q: hello?\nA:", {"until": ["\n\n"], "max_gen_toks": 6}), 0)

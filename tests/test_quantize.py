@@ -1,4 +1,4 @@
-"""qgate.quantize: recipes, in-place quantization, statistics, promotion, tied weights, act/KV options, CLI."""
+"""qgate.quantize: recipes applied in place, statistics, promotion, tied weights, act/KV options, CLI."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from click.testing import CliRunner
 
 from qgate import quantize as q
+from qgate.backends import fake_quantize
 from qgate.cli import cli
 from qgate.errors import QgateError
-from qgate.formats import fake_quantize
 from qgate.hf_cache import cache_argument, output_cache
 from qgate.models import build_tiny_model
 
@@ -33,40 +33,7 @@ def _ids(n=16, seed=0):
     return torch.randint(0, 512, (1, n), generator=g)
 
 
-# --- recipes ----------------------------------------------------------------------------------
-
-
-def test_builtin_recipes_and_unknown_name():
-    assert q.list_recipes() == ["uniform", "uniform-all", "mixed-fp4"]
-    with pytest.raises(QgateError, match=r"unknown recipe 'q4km'.*uniform, uniform-all, mixed-fp4"):
-        q.load_recipe("q4km")
-
-
-def test_recipe_from_dict_and_yaml(tmp_path):
-    data = {"name": "attn-only", "rules": [{"match": r"v_proj$", "format": "keep"},
-                                            {"match": r"self_attn", "format": "$candidate"}]}
-    recipe = q.load_recipe(data)
-    assert recipe.name == "attn-only" and recipe.to_dict() == data
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        "name: attn-only\nrules:\n  - {match: 'v_proj$', format: keep}\n  - {match: self_attn, format: $candidate}\n"
-    )
-    assert q.load_recipe(str(path)) == recipe
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ({"rules": [{"match": "(", "format": "mxfp4"}]}, r"rules\[0\]\.match: invalid regular expression"),
-        ({"rules": [{"match": "x", "format": "int3"}]}, r"rules\[0\]\.format: unknown format 'int3'"),
-        ({"rules": [{"match": "x"}]}, r"rules\[0\]: expected a mapping with 'match'"),
-        ({"rules": []}, r"'rules' must be a non-empty list"),
-        ({"rules": [{"match": "x", "format": "keep", "when": 1}]}, r"unknown field\(s\) when"),
-    ],
-)
-def test_bad_recipes_name_the_field(bad, message):
-    with pytest.raises(QgateError, match=message):
-        q.load_recipe(bad)
+# --- recipes through quantize_model (the recipes themselves: test_recipes.py) -----------------
 
 
 def test_rule_matching_nothing_is_an_error():
@@ -361,14 +328,6 @@ def test_quantizing_adds_less_than_one_tensor_of_memory():
     grown = int(out.stdout.strip().splitlines()[-1])
     tensor_bytes = 8192 * 4096 * 4
     assert grown < tensor_bytes, f"peak grew by {grown / 1e6:.0f} MB for a {tensor_bytes / 1e6:.0f} MB tensor"
-
-
-# --- the reference text -----------------------------------------------------------------------
-
-
-def test_reference_text_is_the_pinned_slice():
-    text, digest = q.reference_text()
-    assert len(text) == q.REFERENCE_TEXT_CHARS and digest == q.REFERENCE_TEXT_SHA256
 
 
 # --- CLI errors (exit 2, one line) ------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 import bruteforce
 from qgate.backends import get_backend
 from qgate.backends.reference import ReferenceBackend, nvfp4_tensor_scale, quantize_nvfp4_blocks
-from qgate.formats import get_format, list_formats
+from qgate.formats import ScaleKind, get_format, list_formats
 
 HAS_CUDA = torch.cuda.is_available()
 try:
@@ -38,7 +38,7 @@ gpu = pytest.mark.skipif(not ((HAS_CUDA or INTERPRET) and HAS_TRITON), reason="n
 # the interpreter has no true fused multiply-add: the reciprocal-and-residual division runs on GPUs only
 DIV_MODES = [0] if INTERPRET else [0, 1]
 QUANTIZED = [f.name for f in list_formats() if not f.is_identity]
-MX = [f.name for f in list_formats() if f.scale == "e8m0"]
+MX = [f.name for f in list_formats() if f.scale is ScaleKind.E8M0]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POISONS = ("nan", "-max")  # NaN, then the dtype's most negative finite value
 REF = ReferenceBackend()
@@ -94,7 +94,7 @@ def test_many_scales(fmt, dtype):
     for seed in range(3):
         x = many_scales(seed=seed).to(dtype)
         assert_bit_exact(x, fmt)
-        if get_format(fmt).scale in ("e4m3*fp32", "fp32/tensor"):  # one scale per tensor: each row alone too
+        if get_format(fmt).scale in (ScaleKind.E4M3_FP32, ScaleKind.FP32_TENSOR):  # one scale per tensor: each row alone too
             for row in x[::7]:
                 assert_bit_exact(row[None], fmt)
 
@@ -196,7 +196,7 @@ def test_exact_ties_round_half_to_even(fmt):
         chunk = list(mids[start:start + block - 1])
         rows.append(chunk + [values[-1]] + [0.0] * (block - 1 - len(chunk)))
     x = torch.tensor(rows, dtype=torch.float32)
-    if f.scale == "e4m3*fp32":
+    if f.scale is ScaleKind.E4M3_FP32:
         x = x * 448
     for sign in (1, -1):
         assert_bit_exact(sign * x, fmt)
@@ -284,7 +284,7 @@ def test_nvfp4_block_pass_with_known_amax():
 
 @gpu
 def test_triton_is_the_default_on_cuda_and_fake_quantize_uses_it():
-    from qgate.formats import fake_quantize
+    from qgate.backends import fake_quantize
 
     assert get_backend(None, device="cuda").name == "triton"
     assert get_backend(None, device="cpu").name == "reference"
@@ -311,7 +311,7 @@ def test_kernels_match_reference_in_the_triton_interpreter():
         import torch
         from qgate.backends.reference import ReferenceBackend
         from qgate.backends.triton import TritonBackend
-        from qgate.formats import get_format, list_formats
+        from qgate.formats import ScaleKind, get_format, list_formats
         ref, tri = ReferenceBackend(), TritonBackend()
         g = torch.Generator().manual_seed(0)
         base = torch.randn(24, 96, generator=g) * torch.logspace(-30, 20, 24).unsqueeze(1)
@@ -328,7 +328,7 @@ def test_kernels_match_reference_in_the_triton_interpreter():
                     if dtype != torch.float32 and id(x) in float32_only:
                         continue
                     xx = x.to(dtype)
-                    if f.scale in ("e4m3*fp32", "fp32/tensor"):
+                    if f.scale in (ScaleKind.E4M3_FP32, ScaleKind.FP32_TENSOR):
                         xx = xx[:1] if xx.dim() == 2 and xx.shape[0] == 24 else xx
                     a, b = tri.fake_quantize(xx, f), ref.fake_quantize(xx, f)
                     same = torch.equal(torch.nan_to_num(a.float(), nan=7.0), torch.nan_to_num(b.float(), nan=7.0))

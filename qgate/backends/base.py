@@ -13,8 +13,12 @@ class Backend:
     name: str = "?"
 
     def supports(self, device: torch.device | str, dtype: torch.dtype) -> bool:
-        """Whether this backend can run on `device` with inputs of `dtype`."""
+        """Whether this backend can run on `device` with inputs of `dtype` (get_backend asks before using it)."""
         raise NotImplementedError
+
+    def supports_format(self, fmt: Format) -> bool:
+        """Whether this backend has a kernel for `fmt`; every format unless a backend says otherwise."""
+        return True
 
     def available(self) -> bool:
         """Whether this backend can run on this machine at all (its libraries import, a device exists)."""

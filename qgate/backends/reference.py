@@ -13,13 +13,9 @@ from qgate.backends.base import Backend
 from qgate.formats import (
     E2M1,
     E4M3,
-    SCALE_E4M3_FP32,
-    SCALE_E8M0,
-    SCALE_FP32_CHANNEL,
-    SCALE_FP32_TENSOR,
-    SCALE_NONE,
     ElementType,
     Format,
+    ScaleKind,
 )
 
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
@@ -136,26 +132,26 @@ def fp8_scales(rows: torch.Tensor, per_row: bool) -> torch.Tensor:
 
 
 def _fake_quantize_f32(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    if fmt.scale == SCALE_E8M0:
+    if fmt.scale is ScaleKind.E8M0:
         xb, last = _blocks(x, fmt.block_size)
         q, shared, bad = quantize_mx_blocks(xb, fmt.element, fmt.scale_rule)
         out = q * exact_pow2(shared).unsqueeze(-1)
         out = torch.where(bad.unsqueeze(-1), float("nan"), out)
         return _unblocks(out, last, x.shape)
-    if fmt.scale == SCALE_E4M3_FP32:
+    if fmt.scale is ScaleKind.E4M3_FP32:
         s_tensor = nvfp4_tensor_scale(x)
         xb, last = _blocks(x, fmt.block_size)
         q, _, total, bad = quantize_nvfp4_blocks(xb, s_tensor)
         out = q * total
         out = torch.where(bad.unsqueeze(-1), float("nan"), out)
         return _unblocks(out, last, x.shape)
-    if fmt.scale in (SCALE_FP32_TENSOR, SCALE_FP32_CHANNEL):
+    if fmt.scale in (ScaleKind.FP32_TENSOR, ScaleKind.FP32_CHANNEL):
         rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-        s = fp8_scales(rows, per_row=fmt.scale == SCALE_FP32_CHANNEL)
+        s = fp8_scales(rows, per_row=fmt.scale is ScaleKind.FP32_CHANNEL)
         out = round_to_element(rows / s, fmt.element) * s
         out = torch.where(torch.isfinite(rows), out, float("nan"))
         return out.reshape(x.shape)
-    raise AssertionError(f"unhandled scale kind {fmt.scale}")
+    raise AssertionError(f"unhandled scale kind {fmt.scale.value}")
 
 
 class ReferenceBackend(Backend):
@@ -167,7 +163,7 @@ class ReferenceBackend(Backend):
         return dtype in (torch.float32, torch.float16, torch.bfloat16)
 
     def fake_quantize(self, x: torch.Tensor, fmt: Format) -> torch.Tensor:
-        if fmt.scale == SCALE_NONE:
+        if fmt.scale is ScaleKind.NONE:
             return x.clone()
         if x.numel() == 0:
             return x.clone()

@@ -46,13 +46,9 @@ from qgate.errors import UsageError
 from qgate.formats import (
     E2M1,
     E4M3,
-    SCALE_E4M3_FP32,
-    SCALE_E8M0,
-    SCALE_FP32_CHANNEL,
-    SCALE_FP32_TENSOR,
-    SCALE_NONE,
     ElementType,
     Format,
+    ScaleKind,
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -326,7 +322,7 @@ class TritonBackend(Backend):
         """Same shape and dtype as x. `out` (contiguous, x's shape and dtype) receives the result if given."""
         if not self.supports(x.device, x.dtype):
             raise UsageError(f"the triton backend takes CUDA float32/float16/bfloat16 tensors, got {x.dtype} on {x.device}")
-        if fmt.scale == SCALE_NONE or x.numel() == 0:
+        if fmt.scale is ScaleKind.NONE or x.numel() == 0:
             return x.clone() if out is None else out.copy_(x)
         src = x.contiguous()
         K = src.shape[-1] if src.dim() else 1
@@ -335,16 +331,16 @@ class TritonBackend(Backend):
         elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous() or out.device != x.device:
             raise UsageError("out= must be a contiguous tensor of the input's shape, dtype and device")
         with torch.cuda.device(src.device) if src.is_cuda else nullcontext():
-            if fmt.scale == SCALE_E8M0:
+            if fmt.scale is ScaleKind.E8M0:
                 self._mx(src, out, K, fmt.element, fmt.block_size, rceil=fmt.scale_rule == "rceil")
-            elif fmt.scale == SCALE_E4M3_FP32:
+            elif fmt.scale is ScaleKind.E4M3_FP32:
                 self._nvfp4(src, out, K, fmt.block_size)
-            elif fmt.scale == SCALE_FP32_TENSOR:
+            elif fmt.scale is ScaleKind.FP32_TENSOR:
                 self._fp8_tensor(src, out)
-            elif fmt.scale == SCALE_FP32_CHANNEL:
+            elif fmt.scale is ScaleKind.FP32_CHANNEL:
                 self._fp8_rows(src, out, K)
             else:
-                raise UsageError(f"the triton backend has no kernel for scale kind {fmt.scale!r} ({fmt.name})")
+                raise UsageError(f"the triton backend has no kernel for scale kind {fmt.scale.value!r} ({fmt.name})")
         return out
 
     # -- launches ---------------------------------------------------------------------------
