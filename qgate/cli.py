@@ -262,7 +262,7 @@ def policy_redecide_cmd(run, policy_spec, db, as_json):
 def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, promote, act_quant, kv_quant, device,
                  max_tokens, as_json):
     """Quantize a family member in memory; print the per-tensor log and perplexity before and after. Stores nothing."""
-    from qgate.quantize import quantize_and_check
+    from qgate.ppl_check import quantize_and_check
 
     act = True if act_quant == "weight" else (act_quant or False)
     result, check = quantize_and_check(

@@ -22,7 +22,6 @@ from qgate.errors import QgateError
 from qgate.formats import ScaleKind
 from qgate.hf_cache import cache_argument
 from qgate.recipes import Plan, Promotion, Recipe, Target, load_recipe, plan_model, quant_config
-from qgate.recipes import list_recipes  # noqa: F401  (moved to qgate.recipes; qgate.policy imports it from here)
 
 # --------------------------------------------------------------------------------------------
 # Statistics
@@ -494,13 +493,3 @@ def quantize_model(
         seconds=time.perf_counter() - started,
         hooks=hooks,
     )
-
-
-def __getattr__(name: str):
-    """quantize_and_check moved to qgate.ppl_check; `from qgate.quantize import quantize_and_check` (qgate.cli)
-    keeps working, resolved on first use so that this module never imports the check."""
-    if name == "quantize_and_check":
-        from qgate.ppl_check import quantize_and_check
-
-        return quantize_and_check
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
