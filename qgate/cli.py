@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import sys
+import time
+from pathlib import Path
 
 import click
 
 from qgate import __version__
-from qgate.errors import QgateError
+from qgate.errors import QgateError, UsageError
+from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
 from qgate.evaluation.suite import load_suite, suite_task_names
+from qgate.footprint import footprint, parse_bandwidth
+from qgate.formats import get_format, list_formats
+from qgate.gate import run_gate
 from qgate.policy import load_policy
+from qgate.progress import quiet_library_bars, use_bar
+from qgate.report.data import open_existing_store, resolve_run_id
+from qgate.report.render import render_run
 from qgate.review.changes import policy_table
 from qgate.review.output import review_markdown, review_text
 from qgate.review.redecide import diff, redecide
+from qgate.signoff import sign_off, verify_report
 from qgate.summary import append_step_summary, console_text, junit_xml, markdown
 
 
@@ -33,8 +44,6 @@ class QgateGroup(click.Group):
 @click.version_option(__version__, prog_name="qgate")
 def cli():
     """Decide whether a quantized LLM checkpoint may ship."""
-    from qgate.progress import quiet_library_bars, use_bar
-
     if not use_bar():  # plain lines (CI, logs): the libraries' own bars are silenced too
         quiet_library_bars()
 
@@ -43,8 +52,6 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON.")
 def formats_cmd(as_json):
     """List the numeric formats: element type, block size, scale (E8M0 with its rule), bits per value, largest value."""
-    from qgate.formats import list_formats
-
     rows = [f.describe() for f in list_formats()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -68,9 +75,6 @@ def formats_cmd(as_json):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def report_cmd(run, output, db):
     """Render the HTML sign-off report of RUN (a run number or 'latest') and print its path."""
-    from qgate.report.data import open_existing_store, resolve_run_id
-    from qgate.report.render import render_run
-
     with open_existing_store(db) as store:
         path = render_run(store, resolve_run_id(store, run), output)
     click.echo(str(path))
@@ -87,10 +91,6 @@ def report_cmd(run, output, db):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def signoff_cmd(run, reviewer, approve, comment, override, output, db):
     """Record a sign-off of RUN with the digest of what was approved, and re-render its report."""
-    from qgate.errors import UsageError
-    from qgate.report.data import open_existing_store
-    from qgate.signoff import sign_off
-
     if approve is None:
         raise UsageError("qgate signoff: give --approve or --reject")
     with open_existing_store(db) as store:
@@ -107,9 +107,6 @@ def signoff_cmd(run, reviewer, approve, comment, override, output, db):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def verify_cmd(report, db):
     """Check a signed REPORT.html against the database: exit 0 intact, 1 changed since sign-off, 2 bad input."""
-    from qgate.report.data import open_existing_store
-    from qgate.signoff import verify_report
-
     with open_existing_store(db) as store:
         result = verify_report(store, report)
     for line in result.lines():
@@ -152,8 +149,6 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
     a run that was killed resumes where it stopped. Progress goes to stderr, the summary to stdout.
     """
-
-    from qgate.gate import run_gate
 
     def _terminated(signum, frame):  # CI cancels with SIGTERM: record the run as interrupted, like Ctrl-C
         raise KeyboardInterrupt
@@ -294,8 +289,6 @@ def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, pro
 @click.option("--json", "as_json", is_flag=True, help="Print an object with total_bytes, groups, tokens_per_s.")
 def footprint_cmd(model, fmt, recipe, bandwidth, revision, as_json):
     """Parameters and bytes per tensor group from the config alone (meta device), and the decode roofline."""
-    from qgate.footprint import footprint, parse_bandwidth
-
     result = footprint(model, fmt, recipe, bandwidth=parse_bandwidth(bandwidth), revision=revision)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -305,8 +298,6 @@ def footprint_cmd(model, fmt, recipe, bandwidth, revision, as_json):
 
 def _bench_module(name: str):
     """bench/<name>.py of the source checkout qgate runs from (benchmarks are not packaged)."""
-    import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
     if not path.is_file():
@@ -332,16 +323,13 @@ def bench_group():
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
 def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
     """Fake-quantization kernels vs a device copy and peers on one CUDA GPU: GB/s, % of copy, speedups."""
-    from qgate.formats import get_format
-
     bench = _bench_module("kernels")
     names = tuple(get_format(f.strip()).name for f in formats.split(",") if f.strip()) or None
     res = bench.run(size_mib, names, peers, mx_path)
     if model:
         res.model = bench.model_figure()
     if json_path:
-        from pathlib import Path
-
+    
         Path(json_path).write_text(json.dumps(bench.to_json(res), indent=2))
     click.echo(bench.format_table(res))
 
@@ -391,10 +379,6 @@ def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, rando
               help="Also write every task result (with all samples) to this JSON file.")
 def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_path):
     """Evaluate a model (optionally fake-quantized) on a suite and print task, metric, value, stderr, n."""
-    import time
-
-    from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
-    from qgate.evaluation.suite import load_suite
 
     spec = load_suite(suite)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.task_names()
@@ -402,9 +386,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_p
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit: expected a positive integer, got {limit}")
     if fmt is not None:
-        from qgate.formats import get_format
-
-        fmt = get_format(fmt).name
+            fmt = get_format(fmt).name
     from qgate.models import load
 
     loaded = load(family, member, device=device)
@@ -424,8 +406,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_p
         click.echo(f"{task.name}: {r.primary_metric}={r.value if r.value is not None else float('nan'):.4f} "
                    f"n={r.n} ({time.time() - started:.1f}s)", err=True)
     if json_path:
-        from pathlib import Path
-
+    
         Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=1, allow_nan=False))
     print_results_table(results)
 

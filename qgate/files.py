@@ -1,10 +1,16 @@
-"""Writing a file so that a reader sees the old content or the new, never half of it."""
+"""Where qgate keeps its files ($QGATE_CACHE), and writing a file so that a reader sees the old content
+or the new, never half of it."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """qgate's cache: $QGATE_CACHE, else ~/.cache/qgate (converted models, offline data, file hashes)."""
+    return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
 
 
 def write_atomic(path: str | os.PathLike, content: str | bytes, *, encoding: str = "utf-8") -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qgate.errors import QgateError
+from qgate.families import list_families
 
 if TYPE_CHECKING:
     import torch
@@ -185,14 +186,14 @@ def load_config(model: Any, revision: str | None = None):
     from qgate import models
 
     family, _, member = text.partition("/")
-    if family.lower() in models.list_families():
+    if family.lower() in list_families():
         spec = models.resolve_member(family, member or None, revision=revision)
         if spec.source == "gguf":
             return _gguf_config(Path(spec.location))
         text = spec.location
     elif not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         raise QgateError(
-            f"model {text!r} is not a file, a directory, a family ({', '.join(models.list_families())}) "
+            f"model {text!r} is not a file, a directory, a family ({', '.join(list_families())}) "
             "or a hub id (owner/name)"
         )
     return _hub_config(text, revision)

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
-from qgate.families import DEFAULT_FAMILY, Family, Member, get_family, list_families  # noqa: F401  (models' API)
-from qgate.files import write_atomic
+from qgate.families import DEFAULT_FAMILY, get_family
+from qgate.files import cache_root, write_atomic
 
 # --------------------------------------------------------------------------------------------
 # Resolving a member to a concrete checkpoint
@@ -98,10 +98,6 @@ def resolve_member(
 # --------------------------------------------------------------------------------------------
 # Content hashes (cached by path, size and mtime so a 100 MB file is hashed once)
 # --------------------------------------------------------------------------------------------
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -28,8 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from qgate.canonical import canonical_json, content_hash  # noqa: F401  (part of the store's API)
-from qgate.canonical import json_safe as _json_safe
+from qgate.canonical import canonical_json, json_safe
 from qgate.errors import QgateError
 
 DEFAULT_DB = "qgate.db"
@@ -296,7 +295,7 @@ class Store:
         with self.engine.begin() as conn:
             self._insert_ignore(conn, checkpoints, dict(
                 id=id, family=family, member=member, source=str(source), revision=revision,
-                file_hash=file_hash, info=_json_safe(info or {}), created_at=utcnow()))
+                file_hash=file_hash, info=json_safe(info or {}), created_at=utcnow()))
 
     def put_quant_config(self, id: str, *, format: str, recipe: Any, config: dict, stats: Any = None,
                          summary: dict | None = None, log: Sequence[str] | None = None) -> None:
@@ -304,17 +303,17 @@ class Store:
         with self.engine.begin() as conn:
             inserted = self._insert_ignore(conn, quant_configs, dict(
                 id=id, format=format, recipe=recipe if isinstance(recipe, str) else canonical_json(recipe),
-                config=_json_safe(config), stats=_json_safe(stats), summary=_json_safe(summary),
-                log=_json_safe(list(log) if log is not None else None), created_at=utcnow()))
+                config=json_safe(config), stats=json_safe(stats), summary=json_safe(summary),
+                log=json_safe(list(log) if log is not None else None), created_at=utcnow()))
             if not inserted and stats is not None:
                 conn.execute(quant_configs.update()
                              .where(quant_configs.c.id == id, quant_configs.c.stats.is_(None))
-                             .values(stats=_json_safe(stats), summary=_json_safe(summary),
-                                     log=_json_safe(list(log) if log is not None else None)))
+                             .values(stats=json_safe(stats), summary=json_safe(summary),
+                                     log=json_safe(list(log) if log is not None else None)))
 
     def put_task_config(self, id: str, *, task: str, config: dict) -> None:
         with self.engine.begin() as conn:
-            self._insert_ignore(conn, task_configs, dict(id=id, task=task, config=_json_safe(config),
+            self._insert_ignore(conn, task_configs, dict(id=id, task=task, config=json_safe(config),
                                                          created_at=utcnow()))
 
     def checkpoint(self, id: str) -> dict | None:
@@ -360,13 +359,13 @@ class Store:
         """
         row = dict(id=key, checkpoint_id=checkpoint_id, quant_config_id=quant_config_id,
                    task_config_id=task_config_id, qgate_version=qgate_version, task=task, format=format,
-                   metrics=_json_safe(metrics), primary_metric=primary_metric,
-                   higher_is_better=_json_safe(higher_is_better), n=int(n), status="completed",
-                   data_source=data_source, extras=_json_safe(extras or {}), runtime=_json_safe(runtime or {}),
+                   metrics=json_safe(metrics), primary_metric=primary_metric,
+                   higher_is_better=json_safe(higher_is_better), n=int(n), status="completed",
+                   data_source=data_source, extras=json_safe(extras or {}), runtime=json_safe(runtime or {}),
                    duration_s=duration_s, started_at=started_at, finished_at=utcnow())
         sample_rows = [dict(evaluation_id=key, idx=i, doc_id=str(s.get("doc_id", i)), doc_hash=s.get("doc_hash"),
                             prompt=_text(s.get("prompt")), output=_text(s.get("output")),
-                            target=_text(s.get("target")), scores=_json_safe(s.get("scores") or {}))
+                            target=_text(s.get("target")), scores=json_safe(s.get("scores") or {}))
                        for i, s in enumerate(samples_rows)]
         with self.engine.begin() as conn:
             inserted = self._insert_ignore(conn, evaluations, row) > 0
@@ -401,14 +400,14 @@ class Store:
             result = conn.execute(runs.insert().values(
                 family=family, formats=list(formats), members=list(members or []), suite=suite,
                 suite_hash=suite_hash, policy_hash=policy_hash, policy_text=policy_text,
-                policy_path=policy_path, versions=_json_safe(versions or {}), host=host, pid=pid,
+                policy_path=policy_path, versions=json_safe(versions or {}), host=host, pid=pid,
                 git_revision=git_revision, backend=backend, device=device, sample_limit=sample_limit,
                 status="running", started_at=utcnow()))
             return int(result.inserted_primary_key[0])
 
     def update_run(self, run_id: int, **values) -> None:
         with self.engine.begin() as conn:
-            conn.execute(runs.update().where(runs.c.id == run_id).values(**_json_safe(values)))
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**json_safe(values)))
 
     def finish_run(self, run_id: int, *, status: str, outcome: str | None = None,
                    exit_code: int | None = None, report_path: str | None = None) -> None:
@@ -481,12 +480,12 @@ class Store:
                 conn.execute(decisions.insert(), [dict(
                     run_id=run_id, batch=batch, member=d["member"], format=d["format"], role=d["role"],
                     task=d["task"], verdict=d["verdict"], reason=d["reason"],
-                    numbers=_json_safe(d.get("numbers") or {}), policy_hash=policy_hash, created_at=now)
+                    numbers=json_safe(d.get("numbers") or {}), policy_hash=policy_hash, created_at=now)
                     for d in decisions_rows])
             if outcomes_rows:
                 conn.execute(outcomes.insert(), [dict(
                     run_id=run_id, batch=batch, member=o["member"], format=o["format"], outcome=o["outcome"],
-                    shipped_format=o.get("shipped_format"), reasons=_json_safe(list(o.get("reasons") or [])),
+                    shipped_format=o.get("shipped_format"), reasons=json_safe(list(o.get("reasons") or [])),
                     policy_hash=policy_hash, created_at=now) for o in outcomes_rows])
         return batch
 

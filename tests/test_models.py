@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from qgate import models  # noqa: E402
+from qgate import families, models  # noqa: E402
 from qgate.errors import QgateError  # noqa: E402
 from tiny import byte_tokenizer  # noqa: E402
 
@@ -37,10 +37,10 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_families_and_members_in_order():
-    assert models.list_families()[:2] == ["smollm2", "qwen2.5"]
-    smol = models.get_family("smollm2")
+    assert families.list_families()[:2] == ["smollm2", "qwen2.5"]
+    smol = families.get_family("smollm2")
     assert smol.default_member == "smollm2-135m-instruct"
-    qwen = models.get_family("qwen2.5")
+    qwen = families.get_family("qwen2.5")
     assert [m.location for m in qwen.members] == [
         f"Qwen/Qwen2.5-{s}-Instruct" for s in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
     ]
@@ -50,7 +50,7 @@ def test_families_and_members_in_order():
 
 def test_unknown_family_and_member_list_valid_names():
     with pytest.raises(QgateError, match=r"unknown model family 'gpt9'.*smollm2, qwen2\.5"):
-        models.get_family("gpt9")
+        families.get_family("gpt9")
     expected = r"unknown member 'qwen2.5-2b'.*qwen2\.5-0\.5b-instruct.*qwen2\.5-72b-instruct"
     with pytest.raises(QgateError, match=expected):
         models.resolve_member("qwen2.5", "qwen2.5-2b")

@@ -17,7 +17,8 @@ from qgate.policy import TaskPolicy
 from qgate.report.data import collect, normalize_grid
 from qgate.report.render import content_sha256, render_html, render_run, strip_signoff
 from qgate.report import svg
-from qgate.store import content_hash, open_store
+from qgate.canonical import content_hash
+from qgate.store import open_store
 
 XSS = "<script>alert(1)</script>"
 LENGTHS, DEPTHS = [256, 512, 1024], [0, 50, 100]

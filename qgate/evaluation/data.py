@@ -24,7 +24,7 @@ from typing import Any, Callable
 from qgate.canonical import canonical_json, content_hash
 from qgate.errors import QgateError
 from qgate.evaluation import humaneval, ifeval, jsonschema_task
-from qgate.files import write_atomic
+from qgate.files import cache_root, write_atomic
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same parameters
 
@@ -57,8 +57,6 @@ class Source:
 
 
 def data_dir() -> Path:
-    from qgate.models import cache_root
-
     return cache_root() / "data"
 
 

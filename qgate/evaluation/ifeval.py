@@ -35,18 +35,14 @@ import tempfile
 from pathlib import Path
 
 from qgate.errors import QgateError
+from qgate.files import cache_root
 
 PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 
 
-def _cache_root() -> Path:
-    # Same rule as qgate.models.cache_root, without importing torch for it.
-    return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
-
-
 def nltk_data_dir() -> Path:
-    return _cache_root() / "nltk_data"
+    return cache_root() / "nltk_data"
 
 
 def _package_file(package: str, *parts: str, pip_name: str) -> Path:

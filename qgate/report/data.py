@@ -27,6 +27,13 @@ be empty; numbers may be None where unknown):
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from qgate.decide import pair_samples
+from qgate.errors import QgateError
+from qgate.report import roofline
+from qgate.store import open_store, resolve_url
+
 OUTCOME_TITLES = {
     "ships": "ships as requested",
     "fallback": "ships with fallback",
@@ -54,8 +61,6 @@ RUN_FIELDS = ("id", "family", "formats", "members", "suite", "suite_hash", "poli
 
 def resolve_run_id(store, run: str | int) -> int:
     """A run argument ("latest" or a number) -> an existing run id, or a QgateError naming what is wrong."""
-    from qgate.errors import QgateError
-
     if str(run).strip().lower() == "latest":
         run_id = store.latest_run_id()
         if run_id is None:
@@ -72,8 +77,6 @@ def resolve_run_id(store, run: str | int) -> int:
 
 def collect(store, run_id) -> dict:
     """Fill the report model for one run from the store (read only)."""
-    from qgate.errors import QgateError
-
     run_row = store.run(int(run_id))
     if run_row is None:
         raise QgateError(f"RUN {run_id}: no such run in {store.url}")
@@ -223,8 +226,6 @@ def _quantization(store, links: list[dict]) -> list[dict]:
 def _footprint(quantization: list[dict], links: list[dict], store) -> dict:
     """Bytes and the decode ceiling per member x format: qgate.footprint from the checkpoint's config
     where it can, else the byte counts the quantization recorded."""
-    from qgate.report import roofline
-
     return roofline.footprint_table(store, links, quantization)
 
 
@@ -260,12 +261,8 @@ def _flips(store, links: list[dict], decisions: list[dict]) -> tuple[list[dict],
         if not base_key or not cand_key:
             continue
         metric = (row.get("numbers") or {}).get("metric")
-        candidates = {str(s["doc_id"]): s for s in samples_of(cand_key)}
         lost, gained, n = [], [], 0
-        for base in samples_of(base_key):
-            cand = candidates.get(str(base["doc_id"]))
-            if cand is None:
-                continue
+        for base, cand in pair_samples(samples_of(base_key), samples_of(cand_key)).pairs:
             b, c = _score(base.get("scores"), metric), _score(cand.get("scores"), metric)
             if b is None or c is None:
                 continue
@@ -297,11 +294,6 @@ def _history(store, run_id: int) -> list[dict]:
 def open_existing_store(db=None):
     """Open the results database for reading a run: a SQLite file that does not exist is an error
     (reporting must not create an empty database as a side effect)."""
-    from pathlib import Path
-
-    from qgate.errors import QgateError
-    from qgate.store import open_store, resolve_url
-
     url = resolve_url(db)
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
         raise QgateError(f"--db {db or url[len('sqlite:///'):]}: no database there (run `qgate run` first, "
