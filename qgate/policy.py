@@ -21,7 +21,7 @@ from qgate.canonical import content_hash
 from qgate.errors import QgateError
 from qgate.families import get_family, list_families
 from qgate.formats import get_format, list_formats
-from qgate.recipes import list_recipes, load_recipe
+from qgate.recipes import load_recipe
 from qgate.validation import YamlDoc, did_you_mean
 
 VERDICTS = ("pass", "fail", "inconclusive")
@@ -317,9 +317,7 @@ def _recipe(value: Any, doc: YamlDoc, path: tuple) -> Any:
     try:
         load_recipe(value)
     except QgateError as exc:
-        known = list_recipes()
-        hint = did_you_mean(value, known) if isinstance(value, str) else ""
-        raise doc.error(path, f"{exc}{hint}") from None
+        raise doc.error(path, str(exc)) from None
     return value
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from qgate.errors import QgateError
 from qgate.formats import get_format, list_formats
+from qgate.validation import YamlDoc, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -98,16 +99,17 @@ def list_recipes() -> list[str]:
     return list(BUILTIN_RECIPES)
 
 
-def _check_format_name(value: Any, where: str) -> str:
+def _check_format_name(value: Any, doc: YamlDoc, path: tuple) -> str:
     if not isinstance(value, str):
-        raise QgateError(f"{where}: format must be a string (a format name, keep or $candidate), got {value!r}")
+        raise doc.error(path, f"format must be a string (a format name, keep or $candidate), got {value!r}")
     if value in (KEEP, CANDIDATE):
         return value
     try:
         get_format(value)
     except QgateError:
-        names = ", ".join(f.name for f in list_formats())
-        raise QgateError(f"{where}: unknown format {value!r}; expected keep, $candidate or one of: {names}") from None
+        names = [f.name for f in list_formats()]
+        raise doc.error(path, f"unknown format {value!r}{did_you_mean(value, names)}; expected keep, $candidate "
+                              f"or one of: {', '.join(names)}") from None
     return value
 
 
@@ -116,59 +118,50 @@ def load_recipe(recipe: str | dict | Recipe | Path) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
-        import yaml
-
         path = Path(recipe)
         if not path.is_file():
             raise QgateError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise QgateError(f"recipe file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return _recipe_from_dict(data, where=str(path))
+        doc = YamlDoc.read(path)
+        return _recipe_from_doc(doc)
     if isinstance(recipe, str):
-        try:
-            return BUILTIN_RECIPES[recipe]
-        except KeyError:
-            raise QgateError(
-                f"unknown recipe {recipe!r}; expected one of: {', '.join(BUILTIN_RECIPES)} (or a .yaml file)"
-            ) from None
+        if recipe not in BUILTIN_RECIPES:
+            raise QgateError(f"unknown recipe {recipe!r}{did_you_mean(recipe, list(BUILTIN_RECIPES))}; "
+                             f"expected one of: {', '.join(BUILTIN_RECIPES)} (or a .yaml file)")
+        return BUILTIN_RECIPES[recipe]
     if isinstance(recipe, dict):
-        return _recipe_from_dict(recipe, where="recipe")
+        return _recipe_from_doc(YamlDoc.from_data("recipe", recipe))
     raise QgateError(f"recipe must be a name, a mapping or a .yaml path, got {type(recipe).__name__}")
 
 
-def _recipe_from_dict(data: Any, where: str) -> Recipe:
+def _recipe_from_doc(doc: YamlDoc) -> Recipe:
+    """Validate a recipe's data; errors name the file, line and key path (qgate.validation)."""
+    data = doc.data
     if not isinstance(data, dict):
-        raise QgateError(f"{where}: expected a mapping with 'name' and 'rules', got {type(data).__name__}")
-    unknown = set(data) - {"name", "rules", "description"}
-    if unknown:
-        raise QgateError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; expected name, rules, description")
+        raise doc.error((), f"expected a mapping with 'name' and 'rules', got {type(data).__name__}")
+    doc.check_keys((), data, ("name", "rules", "description"))
     name = data.get("name", "custom")
     if not isinstance(name, str) or not name:
-        raise QgateError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+        raise doc.error(("name",), f"'name' must be a non-empty string, got {name!r}")
     rules_in = data.get("rules")
     if not isinstance(rules_in, list) or not rules_in:
-        raise QgateError(f"{where}: 'rules' must be a non-empty list of {{match, format}} mappings")
+        raise doc.error(("rules",), "'rules' must be a non-empty list of {match, format} mappings")
     rules = []
     for i, raw in enumerate(rules_in):
-        at = f"{where}: rules[{i}]"
+        at = ("rules", i)
         if not isinstance(raw, dict) or "match" not in raw or "format" not in raw:
-            raise QgateError(f"{at}: expected a mapping with 'match' (a regex) and 'format', got {raw!r}")
-        extra = set(raw) - {"match", "format", "optional"}
-        if extra:
-            raise QgateError(f"{at}: unknown field(s) {', '.join(sorted(extra))}; expected match, format, optional")
+            raise doc.error(at, f"expected a mapping with 'match' (a regex) and 'format', got {raw!r}")
+        doc.check_keys(at, raw, ("match", "format", "optional"))
         pattern = raw["match"]
         if not isinstance(pattern, str):
-            raise QgateError(f"{at}.match: expected a regular expression string, got {pattern!r}")
+            raise doc.error(at + ("match",), f"expected a regular expression string, got {pattern!r}")
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise QgateError(f"{at}.match: invalid regular expression {pattern!r} ({exc})") from None
-        fmt = _check_format_name(raw["format"], f"{at}.format")
+            raise doc.error(at + ("match",), f"invalid regular expression {pattern!r} ({exc})") from None
+        fmt = _check_format_name(raw["format"], doc, at + ("format",))
         optional = raw.get("optional", False)
         if not isinstance(optional, bool):
-            raise QgateError(f"{at}.optional: expected true or false, got {optional!r}")
+            raise doc.error(at + ("optional",), f"expected true or false, got {optional!r}")
         rules.append(Rule(pattern, fmt, optional))
     return Recipe(name, tuple(rules), str(data.get("description", "")))
 

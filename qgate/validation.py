@@ -39,7 +39,14 @@ class YamlDoc:
 
     @classmethod
     def read(cls, path: Path) -> "YamlDoc":
-        return cls(path, path.read_text())
+        return cls(path, path.read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_data(cls, source: Path | str, data: Any) -> "YamlDoc":
+        """Data that did not come from a file (e.g. a recipe given inline): errors name ``source``, no line."""
+        doc = cls.__new__(cls)
+        doc.path, doc.text, doc.lines, doc.data = source, "", {}, data
+        return doc
 
     def _walk(self, node, path: tuple) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)

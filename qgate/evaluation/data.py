@@ -25,6 +25,7 @@ from qgate.canonical import canonical_json, content_hash
 from qgate.errors import QgateError
 from qgate.evaluation import humaneval, ifeval, jsonschema_task
 from qgate.files import cache_root, write_atomic
+from qgate.validation import did_you_mean
 
 BUILDER_VERSION = 1  # bump when a builder's output changes for the same parameters
 
@@ -372,7 +373,8 @@ def get_source(name: str) -> Source:
     try:
         return SOURCES[name]
     except KeyError:
-        raise QgateError(f"unknown offline data source {name!r} (known: {', '.join(source_names())})") from None
+        raise QgateError(f"unknown offline data source {name!r}{did_you_mean(name, source_names())} "
+                         f"(known: {', '.join(source_names())})") from None
 
 
 def check_params(source: str, params: dict | None) -> dict:
@@ -382,7 +384,8 @@ def check_params(source: str, params: dict | None) -> dict:
     for key, value in params.items():
         if key not in src.defaults:
             allowed = ", ".join(sorted(src.defaults)) or "none"
-            raise QgateError(f"unknown parameter {key!r} for source {source!r} (allowed: {allowed})")
+            raise QgateError(f"unknown parameter {key!r} for source {source!r}{did_you_mean(key, sorted(src.defaults))}"
+                             f" (allowed: {allowed})")
         ok, expected = src.checks[key]
         if not ok(value):
             raise QgateError(f"parameter {key!r} of source {source!r}: expected {expected}, got {value!r}")

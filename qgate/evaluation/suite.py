@@ -12,11 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qgate.canonical import content_hash
 from qgate.errors import QgateError
 from qgate.evaluation import data as data_sources
+from qgate.validation import YamlDoc, did_you_mean
 
 SUITE_KEYS = {"suite", "description", "defaults", "tasks"}
 TASK_KEYS = {
@@ -135,13 +134,8 @@ def find_suite(name_or_path: str | Path) -> Path:
 def load_suite(name_or_path: str | Path) -> Suite:
     """Load and validate a suite by name (smoke, standard, full) or by path."""
     path = find_suite(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise QgateError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse_suite(raw, source=str(path))
+    doc = YamlDoc.read(path)
+    return parse_suite(doc.data, source=str(path), doc=doc)
 
 
 def suite_task_names(name_or_path: str | Path) -> list[str]:
@@ -149,122 +143,118 @@ def suite_task_names(name_or_path: str | Path) -> list[str]:
     return load_suite(name_or_path).task_names()
 
 
-def parse_suite(raw: Any, source: str = "<suite>") -> Suite:
-    def bad(key_path: str, problem: str) -> QgateError:
-        return QgateError(f"{source}: {key_path}: {problem}")
+def parse_suite(raw: Any, source: str = "<suite>", doc: YamlDoc | None = None) -> Suite:
+    """Validate a suite's data; errors name the file, line and key path (qgate.validation)."""
+    doc = doc or YamlDoc.from_data(source, raw)
+    bad = doc.error
 
     if not isinstance(raw, dict):
-        raise bad("(top level)", "expected a mapping with keys 'suite' and 'tasks'")
-    unknown = set(raw) - SUITE_KEYS
-    if unknown:
-        raise bad(sorted(unknown)[0], f"unknown key (allowed: {', '.join(sorted(SUITE_KEYS))})")
+        raise bad((), "expected a mapping with keys 'suite' and 'tasks'")
+    doc.check_keys((), raw, sorted(SUITE_KEYS))
     name = raw.get("suite")
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise bad("suite", f"expected a lower-case name like 'smoke', got {name!r}")
+        raise bad(("suite",), f"expected a lower-case name like 'smoke', got {name!r}")
     description = raw.get("description", "") or ""
     if not isinstance(description, str):
-        raise bad("description", "expected a string")
+        raise bad(("description",), "expected a string")
     defaults = raw.get("defaults", {}) or {}
     if not isinstance(defaults, dict):
-        raise bad("defaults", "expected a mapping of task keys")
-    for key in defaults:
-        if key not in TASK_KEYS or key == "name":
-            raise bad(f"defaults.{key}", f"unknown or not defaultable key (allowed: {', '.join(sorted(TASK_KEYS - {'name'}))})")
+        raise bad(("defaults",), "expected a mapping of task keys")
+    doc.check_keys(("defaults",), defaults, sorted(TASK_KEYS - {"name"}))
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
-        raise bad("tasks", "expected a non-empty list of task entries")
+        raise bad(("tasks",), "expected a non-empty list of task entries")
 
     tasks: list[TaskSpec] = []
     seen: set[str] = set()
     for i, entry in enumerate(tasks_raw):
-        where = f"tasks[{i}]"
+        where = ("tasks", i)
         if not isinstance(entry, dict):
             raise bad(where, "expected a mapping")
         merged = {**defaults, **entry}
-        spec = _parse_task(merged, where, bad)
+        spec = _parse_task(merged, where, doc)
         if spec.name in seen:
-            raise bad(f"{where} ({spec.name}).name", f"duplicate task name {spec.name!r}")
+            raise bad(where + ("name",), f"duplicate task name {spec.name!r}")
         seen.add(spec.name)
         tasks.append(spec)
     return Suite(name=name, tasks=tasks, description=description, path=source)
 
 
-def _parse_task(d: dict, where: str, bad) -> TaskSpec:
-    unknown = set(d) - TASK_KEYS
-    if unknown:
-        raise bad(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(TASK_KEYS))})")
+def _parse_task(d: dict, where: tuple, doc: YamlDoc) -> TaskSpec:
+    bad = doc.error
+    doc.check_keys(where, d, sorted(TASK_KEYS))
     for key in REQUIRED_TASK_KEYS:
         if key not in d:
-            raise bad(f"{where}.{key}", "missing (required)")
+            raise bad(where + (key,), "missing (required)")
 
     name = d["name"]
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise bad(f"{where}.name", f"expected a lower-case identifier like 'mmlu', got {name!r}")
-    where = f"{where} ({name})"
+        raise bad(where + ("name",), f"expected a lower-case identifier like 'mmlu', got {name!r}")
     lm_task = d["lm_eval_task"]
     if not isinstance(lm_task, str) or not lm_task.strip():
-        raise bad(f"{where}.lm_eval_task", f"expected an lm-eval task or group name, got {lm_task!r}")
+        raise bad(where + ("lm_eval_task",), f"expected an lm-eval task or group name, got {lm_task!r}")
 
     data = d["data"]
     if isinstance(data, str):
         data = {"source": data}
     if not isinstance(data, dict) or "source" not in data:
-        raise bad(f"{where}.data", "expected a mapping with a 'source' key ('hub' or an offline source)")
+        raise bad(where + ("data",), "expected a mapping with a 'source' key ('hub' or an offline source)")
     source = data["source"]
     if source != "hub":
         known = data_sources.source_names()
         if source not in known:
-            raise bad(f"{where}.data.source", f"unknown source {source!r} (expected 'hub' or one of: {', '.join(known)})")
+            raise bad(where + ("data", "source"), f"unknown source {source!r}{did_you_mean(source, known)} "
+                                                  f"(expected 'hub' or one of: {', '.join(known)})")
         try:
             params = data_sources.check_params(source, {k: v for k, v in data.items() if k != "source"})
         except QgateError as exc:
-            raise bad(f"{where}.data", str(exc)) from None
+            raise bad(where + ("data",), str(exc)) from None
         data = {"source": source, **params}
     else:
         for k, v in data.items():
             if k not in ("source", "dataset"):
-                raise bad(f"{where}.data.{k}", "unknown key for source 'hub' (allowed: dataset)")
+                raise bad(where + ("data", k), "unknown key for source 'hub' (allowed: dataset)")
             if k == "dataset" and not isinstance(v, str):
-                raise bad(f"{where}.data.dataset", "expected the hub dataset id as a string")
+                raise bad(where + ("data", "dataset"), "expected the hub dataset id as a string")
         data = dict(data)
 
     shots = d["num_fewshot"]
     if not _is_int(shots) or shots < 0:
-        raise bad(f"{where}.num_fewshot", f"expected an integer >= 0, got {shots!r}")
+        raise bad(where + ("num_fewshot",), f"expected an integer >= 0, got {shots!r}")
     limit = d.get("limit")
     if limit is not None and (not _is_int(limit) or limit <= 0):
-        raise bad(f"{where}.limit", f"expected a positive integer or null (all samples), got {limit!r}")
+        raise bad(where + ("limit",), f"expected a positive integer or null (all samples), got {limit!r}")
 
     generation = d.get("generation")
     if generation is not None:
         if not isinstance(generation, dict):
-            raise bad(f"{where}.generation", "expected a mapping with max_gen_toks and/or until")
+            raise bad(where + ("generation",), "expected a mapping with max_gen_toks and/or until")
         for k in generation:
             if k not in GENERATION_KEYS:
-                raise bad(f"{where}.generation.{k}", f"unknown key (allowed: {', '.join(sorted(GENERATION_KEYS))}; decoding is always greedy)")
+                raise bad(where + ("generation", k), f"unknown key (allowed: {', '.join(sorted(GENERATION_KEYS))}; decoding is always greedy)")
         mgt = generation.get("max_gen_toks")
         if mgt is not None and (not _is_int(mgt) or mgt <= 0):
-            raise bad(f"{where}.generation.max_gen_toks", f"expected a positive integer, got {mgt!r}")
+            raise bad(where + ("generation", "max_gen_toks"), f"expected a positive integer, got {mgt!r}")
         until = generation.get("until")
         if until is not None and (not isinstance(until, list) or not all(isinstance(s, str) and s for s in until)):
-            raise bad(f"{where}.generation.until", "expected a list of non-empty strings")
+            raise bad(where + ("generation", "until"), "expected a list of non-empty strings")
         generation = dict(generation)
 
     for key in ("chat_template", "fewshot_as_multiturn", "higher_is_better"):
         if key in d and not isinstance(d[key], bool):
-            raise bad(f"{where}.{key}", f"expected true or false, got {d[key]!r}")
+            raise bad(where + (key,), f"expected true or false, got {d[key]!r}")
     seed = d.get("seed", DEFAULT_SEED)
     if not _is_int(seed) or seed < 0:
-        raise bad(f"{where}.seed", f"expected a non-negative integer, got {seed!r}")
+        raise bad(where + ("seed",), f"expected a non-negative integer, got {seed!r}")
     metric = d["metric"]
     if not isinstance(metric, str) or not metric:
-        raise bad(f"{where}.metric", f"expected the primary metric's name, got {metric!r}")
+        raise bad(where + ("metric",), f"expected the primary metric's name, got {metric!r}")
     per_sample = d["per_sample"]
     if per_sample not in PER_SAMPLE_KINDS:
-        raise bad(f"{where}.per_sample", f"expected one of {', '.join(PER_SAMPLE_KINDS)}, got {per_sample!r}")
+        raise bad(where + ("per_sample",), f"expected one of {', '.join(PER_SAMPLE_KINDS)}, got {per_sample!r}")
     system = d.get("system_instruction")
     if system is not None and not isinstance(system, str):
-        raise bad(f"{where}.system_instruction", "expected a string")
+        raise bad(where + ("system_instruction",), "expected a string")
 
     return TaskSpec(
         name=name, lm_eval_task=lm_task.strip(), data=data, num_fewshot=shots, metric=metric,
