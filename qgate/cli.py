@@ -251,18 +251,18 @@ def policy_redecide_cmd(run, policy_spec, db, as_json):
               help="Also quantize the inputs of quantized Linears (alone: each weight's own format).")
 @click.option("--kv-quant", default=None, metavar="FORMAT", help="Also quantize keys (after RoPE) and values in the KV cache.")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-@click.option("--tokens", "max_tokens", type=click.IntRange(min=2), default=2048, show_default=True,
-              help="Tokens of the reference text for the perplexity check.")
+@click.option("--docs", type=click.IntRange(min=1), default=None,
+              help="At most N documents of the perplexity task (default: all of the smoke suite's).")
 @click.option("--json", "as_json", is_flag=True, help="Print statistics and perplexities as JSON.")
 def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, promote, act_quant, kv_quant, device,
-                 max_tokens, as_json):
+                 docs, as_json):
     """Quantize a family member in memory; print the per-tensor log and perplexity before and after. Stores nothing."""
     from qgate.ppl_check import quantize_and_check
 
     act = True if act_quant == "weight" else (act_quant or False)
     result, check = quantize_and_check(
         family, member, fmt, recipe, model_path=model_path, revision=revision, backend=backend, promote=promote,
-        act_quant=act, kv_quant=kv_quant, device=device, max_tokens=max_tokens, progress=not as_json,
+        act_quant=act, kv_quant=kv_quant, device=device, docs=docs, progress=not as_json,
     )
     if as_json:
         payload = {"summary": result.summary(), "config": result.config(), "check": check,
@@ -273,8 +273,8 @@ def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, pro
         click.echo(line)
     click.echo(
         f"perplexity {check['perplexity_before']:.3f} -> {check['perplexity_after']:.3f} "
-        f"({100 * check['perplexity_change']:+.2f}%) on {check['tokens']} tokens of {check['text']} "
-        f"(sha256 {check['text_sha256'][:12]}{'' if check['text_pinned'] else ', NOT the pinned slice'})"
+        f"({100 * check['perplexity_change']:+.2f}%, {check['metric']}, task {check['task']}) on "
+        f"{check['documents']} documents of {check['data']}"
     )
 
 

@@ -1,4 +1,4 @@
-"""qgate.ppl_check: the pinned reference text of `qgate quantize`'s perplexity check (the command: test_quantize.py)."""
+"""qgate.ppl_check: the perplexity check of `qgate quantize` (the command itself: test_quantize.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from pathlib import Path
 from qgate import ppl_check
 
 
-def test_reference_text_is_the_pinned_slice():
-    text, digest = ppl_check.reference_text()
-    assert len(text) == ppl_check.REFERENCE_TEXT_CHARS and digest == ppl_check.REFERENCE_TEXT_SHA256
+def test_the_check_runs_the_gates_own_perplexity_task():
+    """One way to measure perplexity: `qgate quantize` runs the suite task the gate decides on."""
+    from qgate.evaluation.suite import load_suite
+
+    task = ppl_check.perplexity_task()
+    assert task == load_suite("smoke").task("perplexity")
+    assert (task.lm_eval_task, task.metric, task.source) == ("qgate_perplexity", "word_perplexity", "pg_essays")
 
 
 def test_the_kernel_loop_does_not_import_the_check():

@@ -357,7 +357,7 @@ def test_cli_unknown_member_missing_and_corrupt_checkpoints_exit_2(tmp_path):
     assert code == 2 and "does not exist" in err
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"\x00" * 4096)
-    code, _, err = _invoke(["quantize", "--model-path", str(bad), "--format", "nvfp4", "--tokens", "8"])
+    code, _, err = _invoke(["quantize", "--model-path", str(bad), "--format", "nvfp4", "--docs", "1"])
     assert code == 2 and "cannot load checkpoint" in err and "bad.gguf" in err
     code, _, err = _invoke(["quantize", "--family", "qwen2.5", "--format", "nvfp4"])
     assert code == 2 and "Qwen/Qwen2.5-0.5B-Instruct" in err and "--model-path" in err
@@ -374,11 +374,13 @@ def test_cli_recipe_rule_matching_nothing_exits_2(tiny_dir, tmp_path):
 
 def test_cli_quantize_tiny_model_json(tiny_dir):
     code, out, err = _invoke(["quantize", "--model-path", str(tiny_dir), "--format", "mxfp4", "--recipe",
-                              "mixed-fp4", "--tokens", "64", "--json"])
+                              "mixed-fp4", "--docs", "2", "--json"])
     assert code == 0, err
     payload = json.loads(out)
     assert payload["summary"]["recipe"] == "mixed-fp4" and payload["summary"]["tensors"] == 16
-    assert payload["check"]["tokens"] == 63 and payload["check"]["text_pinned"] is True
+    check = payload["check"]
+    assert check["documents"] == 2 and (check["task"], check["metric"]) == ("smoke/perplexity", "word_perplexity")
+    assert re.search(r"sha256 [0-9a-f]{64}", check["data"]), check["data"]
     assert payload["check"]["perplexity_after"] != payload["check"]["perplexity_before"]
 
 
@@ -455,13 +457,14 @@ def test_cli_quantize_smollm2_prints_log_and_perplexity(tmp_path):
     # the first and last decoder blocks only: the whole path on the real model, at a fraction of the time
     recipe = tmp_path / "ends.yaml"
     recipe.write_text("name: ends\nrules:\n  - {match: 'layers\\.(0|29)\\.', format: $candidate}\n")
-    code, out, err = _invoke(["quantize", "--format", "mxfp8_e4m3", "--recipe", str(recipe), "--tokens", "128"])
+    code, out, err = _invoke(["quantize", "--format", "mxfp8_e4m3", "--recipe", str(recipe), "--docs", "2"])
     assert code == 0, err
     lines = out.strip().splitlines()
     logged = [line for line in lines if line.startswith("model.layers.") and " SQNR " in line]
     assert len(logged) == 2 * 7 and all(" mxfp8_e4m3 " in line for line in logged)
     assert re.fullmatch(r"promoted 0 of 221184 blocks \(0\.00%\)", lines[-3])
-    m = re.fullmatch(r"perplexity (\d+\.\d+) -> (\d+\.\d+) \(([+-]\d+\.\d+)%\) on 127 tokens of .*", lines[-1])
+    m = re.fullmatch(r"perplexity (\d+\.\d+) -> (\d+\.\d+) \(([+-]\d+\.\d+)%, word_perplexity, task smoke/perplexity\)"
+                     r" on 2 documents of .*; sha256 [0-9a-f]{64}", lines[-1])
     assert m, lines[-1]
     before, after = float(m.group(1)), float(m.group(2))
     assert 5 < before < 100 and after != before and abs(after / before - 1) < 0.02  # mxfp8 barely moves it
