@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from qgate import store as store_mod
+from qgate.canonical import content_hash
 from qgate.errors import QgateError
 from qgate.keys import evaluation_key
 from qgate.store import open_store
@@ -100,10 +101,10 @@ def test_redact_url_hides_the_password_only():
 
 
 def test_content_hash_ignores_key_order_and_tuple_vs_list():
-    a = store_mod.content_hash({"b": [1, 2], "a": {"y": 1, "x": 2.5}})
-    b = store_mod.content_hash({"a": {"x": 2.5, "y": 1}, "b": (1, 2)})
+    a = content_hash({"b": [1, 2], "a": {"y": 1, "x": 2.5}})
+    b = content_hash({"a": {"x": 2.5, "y": 1}, "b": (1, 2)})
     assert a == b and len(a) == 64
-    assert store_mod.content_hash({"a": 1}) != store_mod.content_hash({"a": 2})
+    assert content_hash({"a": 1}) != content_hash({"a": 2})
     k1 = evaluation_key("c", None, "t", "0.1.0")
     assert k1 != evaluation_key("c", "q", "t", "0.1.0") != evaluation_key("c", "q", "t", "0.2.0")
     assert evaluation_key("c", "q", "t", "0.1.0", {"device": "cpu"}) != evaluation_key("c", "q", "t", "0.1.0",
