@@ -66,15 +66,21 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**m)
 
 
-def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval for a single proportion."""
-    if n == 0:
+def wilson_interval(successes, n, z: float):
+    """Wilson score interval for a single proportion.
+
+    Elementwise on numpy arrays, and counts may be fractional (a table projected to another sample
+    size); scalars in, floats out.
+    """
+    s, m = np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if s.ndim == 0 and m.ndim == 0 and m == 0:
         return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    p = s / m
+    denom = 1 + z * z / m
+    centre = (p + z * z / (2 * m)) / denom
+    half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / denom
+    low, high = np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+    return (float(low), float(high)) if low.ndim == 0 else (low, high)
 
 
 def paired_table(baseline: Sequence[float], candidate: Sequence[float]) -> tuple[int, int, int, int]:
@@ -95,30 +101,33 @@ def paired_table(baseline: Sequence[float], candidate: Sequence[float]) -> tuple
     return both, base_only, cand_only, neither
 
 
-def newcombe_paired_interval(both: int, base_only: int, cand_only: int, neither: int,
-                             confidence: float = 0.95) -> tuple[float, float]:
-    """CI of p_candidate - p_baseline for paired proportions (Newcombe's method 10)."""
-    n = both + base_only + cand_only + neither
-    if n == 0:
+def newcombe_paired_interval(both, base_only, cand_only, neither, confidence: float = 0.95):
+    """CI of p_candidate - p_baseline for paired proportions (Newcombe's method 10).
+
+    Elementwise on numpy arrays of counts (an enumeration of tables is one call), and counts may be
+    fractional (a table projected to another sample size); scalars in, floats out.
+    """
+    both, b, c, nei = (np.asarray(x, dtype=np.float64) for x in (both, base_only, cand_only, neither))
+    n = both + b + c + nei
+    scalar = n.ndim == 0 and both.ndim == 0
+    if scalar and n == 0:
         return -1.0, 1.0
     z = z_value(confidence)
-    base_pass, cand_pass = both + base_only, both + cand_only
+    base_pass, cand_pass = both + b, both + c
     p1, p2 = base_pass / n, cand_pass / n
     l1, u1 = wilson_interval(base_pass, n, z)
     l2, u2 = wilson_interval(cand_pass, n, z)
     margins = base_pass * (n - base_pass) * cand_pass * (n - cand_pass)
-    phi = 0.0
-    if margins > 0:
-        cross = both * neither - base_only * cand_only
-        if cross > n / 2:
-            phi = (cross - n / 2) / math.sqrt(margins)
-        elif cross < 0:
-            phi = cross / math.sqrt(margins)
+    root = np.sqrt(np.where(margins > 0, margins, 1.0))
+    cross = both * nei - b * c
+    phi = np.where(margins > 0, np.where(cross > n / 2, (cross - n / 2) / root,
+                                         np.where(cross < 0, cross / root, 0.0)), 0.0)
     delta = p2 - p1
     # lower limit: candidate low, baseline high; upper: the other way round
-    low = delta - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
-    high = delta + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
-    return max(-1.0, low), min(1.0, high)
+    low = delta - np.sqrt(np.maximum(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    high = delta + np.sqrt(np.maximum(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    low, high = np.maximum(-1.0, low), np.minimum(1.0, high)
+    return (float(low), float(high)) if scalar else (low, high)
 
 
 def compare_binary(baseline: Sequence[float], candidate: Sequence[float],

@@ -37,6 +37,21 @@ def test_newcombe_interval_is_antisymmetric_and_contains_estimate():
     assert low < (2 - 7) / 100 < high
 
 
+def test_newcombe_interval_is_elementwise_on_arrays():
+    # one call decides an enumeration of tables; each row is the scalar interval (to rounding)
+    rng = np.random.default_rng(5)
+    tables = rng.integers(0, 60, size=(500, 4))
+    tables[0] = (0, 0, 0, 7)
+    low, high = stats.newcombe_paired_interval(*tables.T, confidence=0.9)
+    for row, lo, hi in zip(tables, low, high):
+        assert (lo, hi) == pytest.approx(stats.newcombe_paired_interval(*map(int, row), confidence=0.9), abs=1e-12)
+    assert isinstance(stats.newcombe_paired_interval(40, 7, 2, 51)[0], float)
+    # counts may be fractional (a table projected to another size): between its integer neighbours
+    low, high = stats.newcombe_paired_interval(100, 17.5, 5, 127.5)
+    assert stats.newcombe_paired_interval(100, 18, 5, 127) < (low, high) < stats.newcombe_paired_interval(100, 17, 5, 128)
+    assert high < stats.newcombe_paired_interval(100, 17, 5, 128)[1]
+
+
 def test_newcombe_interval_covers_at_the_nominal_rate():
     # simulate paired outcomes with a true difference; coverage of a 95% interval should be close to 95%
     rng = np.random.default_rng(7)
