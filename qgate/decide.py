@@ -7,9 +7,12 @@ only in the evidence they pass: the gate evaluates on demand, a review looks sam
 Decision rule (``delta`` = candidate - baseline, oriented so that a drop is bad; ``allowed`` is
 the allowed drop from ``max_drop`` or ``min_recovery``; the CI is two-sided at ``confidence``):
   pass          the whole CI lies within the allowed drop (non-inferiority shown);
-  fail          the point estimate is beyond the allowed drop AND the drop is significant
-                (the CI excludes zero);
+  fail          the point estimate is beyond the allowed drop AND the drop is significant: the CI
+                excludes zero and the reported p-value (exact McNemar for pass/fail metrics, the
+                bootstrap's for continuous ones) is below 1 - confidence, so a fail never stands
+                beside a non-significant p;
   inconclusive  otherwise: the samples cannot tell. ``samples_needed`` estimates how many would.
+The rule itself is ``qgate.stats.verdict`` (array-friendly, so that tests can decide every table).
 What an inconclusive task does to the gate is the policy's ``inconclusive``: pass, fail or warn
 (passes, flagged). A task with ``blocking: false`` is advisory: reported, never failing the gate.
 """
@@ -200,12 +203,7 @@ def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence
 
     # orient so that "good" is positive: o_delta >= -allowed passes
     o_delta, o_low, o_high = (delta, low, high) if higher_is_better else (-delta, -high, -low)
-    if o_low >= -allowed:
-        verdict = "pass"
-    elif o_delta < -allowed and o_high < 0:
-        verdict = "fail"
-    else:
-        verdict = "inconclusive"
+    verdict = stats.verdict(o_delta, o_low, o_high, cmp.p_value, -allowed, conf)
 
     needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf)
     unit_text = f" {unit}" if unit else ""

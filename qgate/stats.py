@@ -12,6 +12,16 @@ Pure functions on numbers; no I/O, no models. Conventions:
   bootstrap over documents with a fixed seed. A corpus-level metric such as
   perplexity is recomputed from the resampled documents' (loglikelihood,
   weight) pairs, so the resampling unit is the document, not the token.
+
+The decision rule (``verdict``; the decision engine, qgate.decide, applies it): pass when the whole
+CI lies within the allowed drop; fail when the estimate is beyond the allowed drop, the CI's upper
+end is below zero AND the p-value reported with the decision is below alpha = 1 - confidence. The
+p-value is the exact McNemar test for pass/fail metrics and the bootstrap tail probability for
+continuous ones. Both conditions are needed because interval and test are different procedures that
+can disagree near the boundary: Newcombe's interval is liberal for few discordant pairs (20 samples,
+5 lost and none gained: CI [-43.4, -3.2] pts, exact McNemar p = 0.0625), and the percentile interval
+can clear zero with a bootstrap p just above alpha. So a fail never stands beside p >= alpha nor
+beside a CI that includes zero; the published interval and the exact test stay as they are.
 """
 
 from __future__ import annotations
@@ -218,6 +228,32 @@ def compare_bootstrap(baseline: Sequence[float], candidate: Sequence[float],
     sd_pair = float(np.std(diffs, ddof=1) * math.sqrt(n)) if resamples > 1 else 0.0
     return Comparison(baseline=base_value, candidate=cand_value, delta=delta, ci_low=float(low),
                       ci_high=float(high), p_value=p_value, n=n, sd_pair=sd_pair)
+
+
+def on_threshold(delta, threshold):
+    """delta equals threshold up to floating-point rounding (16/20 - 18/20 against an allowed -10 pts).
+
+    Elementwise on numpy arrays; scalars in, a bool out.
+    """
+    d, t = np.asarray(delta, dtype=np.float64), np.asarray(threshold, dtype=np.float64)
+    close = np.abs(d - t) <= np.maximum(1e-9 * np.maximum(np.abs(d), np.abs(t)), 1e-12)
+    return bool(close) if close.ndim == 0 else close
+
+
+def verdict(delta, low, high, p_value, threshold, confidence: float = 0.95):
+    """The decision rule: "pass", "fail" or "inconclusive" (see the module docstring).
+
+    Oriented so that a drop is negative: ``delta`` and its CI [low, high] in any units, ``threshold``
+    (= -allowed drop, <= 0) in the same units; ``p_value`` is the one reported with the decision.
+    An estimate on the threshold is not beyond it. Elementwise on numpy arrays (an array of strings).
+    """
+    delta, low, high, p, threshold = (np.asarray(x, dtype=np.float64)
+                                      for x in (delta, low, high, p_value, threshold))
+    passed = low >= threshold
+    beyond = (delta < threshold) & ~np.asarray(on_threshold(delta, threshold))
+    failed = beyond & (high < 0) & (p < 1.0 - confidence)
+    out = np.where(passed, "pass", np.where(failed, "fail", "inconclusive"))
+    return str(out) if out.ndim == 0 else out
 
 
 def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int,
