@@ -66,6 +66,7 @@ def mcnemar_exact_p(b: int, c: int) -> float:
 
     b and c are the discordant counts. Exact in integer arithmetic (big ints), then one division.
     """
+    b, c = int(b), int(c)  # numpy integers would overflow 2**m
     if b < 0 or c < 0:
         raise ValueError("discordant counts must be non-negative")
     m = b + c

@@ -19,6 +19,8 @@ def test_mcnemar_is_exact_for_large_counts():
     # 2 * P(X <= 0) for X ~ Bin(2000, 1/2): far below float underflow of naive products, still exact
     assert stats.mcnemar_exact_p(0, 60) == pytest.approx(2 * 0.5**60, rel=1e-12)
     assert stats.mcnemar_exact_p(900, 1100) == pytest.approx(binomtest(900, 2000, 0.5).pvalue, rel=1e-9)
+    # numpy counts (a table from np.random or an array) must not overflow 2**m in int64
+    assert stats.mcnemar_exact_p(np.int64(5), np.int64(70)) == pytest.approx(binomtest(5, 75, 0.5).pvalue, rel=1e-12)
 
 
 def test_newcombe_paired_interval_published_example():
