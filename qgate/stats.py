@@ -73,7 +73,10 @@ def mcnemar_exact_p(b: int, c: int) -> float:
     if m == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(m, i) for i in range(k + 1))
+    term = tail = 1  # C(m, 0); then C(m, i + 1) = C(m, i) * (m - i) / (i + 1), exactly
+    for i in range(k):
+        term = term * (m - i) // (i + 1)
+        tail += term
     return min(1.0, 2 * tail / 2**m)
 
 
