@@ -205,13 +205,18 @@ def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence
     o_delta, o_low, o_high = (delta, low, high) if higher_is_better else (-delta, -high, -low)
     verdict = stats.verdict(o_delta, o_low, o_high, cmp.p_value, -allowed, conf)
 
-    needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf)
+    table = cmp.table
+    if table is not None and not higher_is_better:  # oriented: (both, worse, better, neither)
+        table = (table[0], table[2], table[1], table[3])
+    needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf, table=table)
     unit_text = f" {unit}" if unit else ""
     values = f" ({_fmt(base_value, unit, False)} -> {_fmt(cmp.candidate * scale, unit, False)})" if not binary else ""
     reason = (f"{task}: {_fmt(delta, unit)}{unit_text}{values}, {conf * 100:g}% CI "
               f"[{_fmt(low, unit)}, {_fmt(high, unit)}], {allowed_text}, n={cmp.n}: {verdict}")
     if verdict == "inconclusive" and needed is not None:
         reason += f" (about {needed} samples would decide)"
+    elif verdict == "inconclusive" and stats.on_threshold(o_delta, -allowed):
+        reason += " (the estimate sits exactly on the allowed drop: more samples decide only if it moves)"
     if note:
         reason += f"; {note}"
     return Decision(task=task, metric=metric, verdict=verdict, delta=delta, ci_low=low, ci_high=high,

@@ -52,6 +52,7 @@ class Comparison:
     # what the "how many samples would decide" estimate extrapolates from
     sd_pair: float
     discordant: tuple[int, int] | None = None  # (baseline-only passes, candidate-only passes)
+    table: tuple[int, int, int, int] | None = None  # pass/fail metrics: paired_table's 2x2 table
 
 
 def z_value(confidence: float) -> float:
@@ -159,7 +160,7 @@ def compare_binary(baseline: Sequence[float], candidate: Sequence[float],
     sd_pair = math.sqrt(max(0.0, mean_sq - delta * delta))
     return Comparison(baseline=p_base, candidate=p_cand, delta=delta, ci_low=low, ci_high=high,
                       p_value=mcnemar_exact_p(base_only, cand_only), n=n, sd_pair=sd_pair,
-                      discordant=(base_only, cand_only))
+                      discordant=(base_only, cand_only), table=(both, base_only, cand_only, neither))
 
 
 # ---- continuous metrics -------------------------------------------------------------------
@@ -260,17 +261,61 @@ def verdict(delta, low, high, p_value, threshold, confidence: float = 0.95):
     return str(out) if out.ndim == 0 else out
 
 
-def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int,
-                      confidence: float = 0.95) -> int | None:
-    """Roughly how many paired samples would put the whole CI on one side of ``threshold``.
+def _smallest_n(decides: Callable[[int], bool], start: int) -> int | None:
+    """Smallest n >= 1 with decides(n), for a decides that turns true once and stays: doubling from
+    ``start``, then bisection. None past 2**62."""
+    lo, hi = 0, max(1, start)
+    while not decides(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**62:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if decides(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
-    Normal approximation: the CI half-width shrinks as z * sd_pair / sqrt(n), and the observed
-    delta is assumed to stay where it is. When no pair differed (sd 0), one discordant pair in n is
-    assumed, so the estimate stays finite and conservative. None when delta sits on the threshold.
+
+def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int, confidence: float = 0.95, *,
+                      table: tuple[int, int, int, int] | None = None) -> int | None:
+    """About how many paired samples would decide, assuming the observed rates stay, on the side the
+    estimate is on. Oriented so that a drop is negative; ``threshold`` is -allowed drop (<= 0):
+
+    * estimate inside the allowed drop (delta > threshold): the n at which the CI's lower end reaches
+      the threshold, a pass;
+    * estimate beyond it (delta < threshold): the n at which the CI's upper end clears zero AND the
+      test is significant, a fail (``verdict`` asks for both).
+
+    Pass/fail metrics: ``table`` is the oriented paired table (both pass, lost, gained, both fail). It
+    is projected to other sample sizes at its observed rates (fractional counts) and the smallest n
+    whose Newcombe interval decides is found by bisection; the exact McNemar test's significance is
+    taken from its continuity-corrected normal form, (|lost - gained| - 1)^2 >= z^2 (lost + gained),
+    which asks for the same 6 discordant pairs as the exact test when none is gained (95%).
+    Continuous metrics: normal approximation, CI half-width z * sd_pair / sqrt(n) (the bootstrap's
+    interval and its p clear zero together to this approximation); with sd 0, one discordant pair in
+    n is assumed, so the estimate stays finite and conservative.
+    None when the estimate sits on the threshold (up to rounding): no number of samples decides then.
     """
-    gap = abs(delta - threshold)
-    if gap == 0:
+    if on_threshold(delta, threshold):
         return None
-    sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
     z = z_value(confidence)
+    if table is not None:
+        rates = np.asarray(table, dtype=np.float64) / sum(table)
+        start = sum(table)
+        if delta > threshold:
+            return _smallest_n(lambda m: newcombe_paired_interval(*(rates * m), confidence)[0] >= threshold, start)
+        n_ci = _smallest_n(lambda m: newcombe_paired_interval(*(rates * m), confidence)[1] < 0, start)
+        if n_ci is None:
+            return None
+        # (m D - 1)^2 >= z^2 m S for discordant rates S = lost + gained, D = |lost - gained|
+        s, d = rates[1] + rates[2], abs(rates[1] - rates[2])
+        if d == 0:
+            return n_ci
+        q = 2 * d + z * z * s
+        n_test = math.ceil((q + math.sqrt(q * q - 4 * d * d)) / (2 * d * d))
+        return max(n_ci, n_test)
+    sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
+    gap = delta - threshold if delta > threshold else -delta
     return max(1, math.ceil((z * sd / gap) ** 2))
