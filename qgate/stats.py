@@ -49,10 +49,11 @@ class Comparison:
     p_value: float
     n: int
     # standard deviation of one pair's contribution to delta (delta's sd is sd_pair / sqrt(n));
-    # what the "how many samples would decide" estimate extrapolates from
+    # what the "how many samples would decide" estimate extrapolates from for continuous metrics
     sd_pair: float
     discordant: tuple[int, int] | None = None  # (baseline-only passes, candidate-only passes)
-    table: tuple[int, int, int, int] | None = None  # pass/fail metrics: paired_table's 2x2 table
+    # pass/fail metrics: paired_table's 2x2 table, which that estimate projects to larger n
+    table: tuple[int, int, int, int] | None = None
 
 
 def z_value(confidence: float) -> float:
