@@ -7,9 +7,12 @@ only in the evidence they pass: the gate evaluates on demand, a review looks sam
 Decision rule (``delta`` = candidate - baseline, oriented so that a drop is bad; ``allowed`` is
 the allowed drop from ``max_drop`` or ``min_recovery``; the CI is two-sided at ``confidence``):
   pass          the whole CI lies within the allowed drop (non-inferiority shown);
-  fail          the point estimate is beyond the allowed drop AND the drop is significant
-                (the CI excludes zero);
+  fail          the point estimate is beyond the allowed drop AND the drop is significant: the CI
+                excludes zero and the reported p-value (exact McNemar for pass/fail metrics, the
+                bootstrap's for continuous ones) is below 1 - confidence, so a fail never stands
+                beside a non-significant p;
   inconclusive  otherwise: the samples cannot tell. ``samples_needed`` estimates how many would.
+The rule itself is ``qgate.stats.verdict`` (array-friendly, so that tests can decide every table).
 What an inconclusive task does to the gate is the policy's ``inconclusive``: pass, fail or warn
 (passes, flagged). A task with ``blocking: false`` is advisory: reported, never failing the gate.
 """
@@ -200,20 +203,20 @@ def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence
 
     # orient so that "good" is positive: o_delta >= -allowed passes
     o_delta, o_low, o_high = (delta, low, high) if higher_is_better else (-delta, -high, -low)
-    if o_low >= -allowed:
-        verdict = "pass"
-    elif o_delta < -allowed and o_high < 0:
-        verdict = "fail"
-    else:
-        verdict = "inconclusive"
+    verdict = stats.verdict(o_delta, o_low, o_high, cmp.p_value, -allowed, conf)
 
-    needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf)
+    table = cmp.table
+    if table is not None and not higher_is_better:  # oriented: (both, worse, better, neither)
+        table = (table[0], table[2], table[1], table[3])
+    needed = stats.samples_to_decide(o_delta / scale, -allowed / scale, cmp.sd_pair, cmp.n, conf, table=table)
     unit_text = f" {unit}" if unit else ""
     values = f" ({_fmt(base_value, unit, False)} -> {_fmt(cmp.candidate * scale, unit, False)})" if not binary else ""
     reason = (f"{task}: {_fmt(delta, unit)}{unit_text}{values}, {conf * 100:g}% CI "
               f"[{_fmt(low, unit)}, {_fmt(high, unit)}], {allowed_text}, n={cmp.n}: {verdict}")
     if verdict == "inconclusive" and needed is not None:
         reason += f" (about {needed} samples would decide)"
+    elif verdict == "inconclusive" and stats.on_threshold(o_delta, -allowed):
+        reason += " (the estimate sits exactly on the allowed drop: more samples decide only if it moves)"
     if note:
         reason += f"; {note}"
     return Decision(task=task, metric=metric, verdict=verdict, delta=delta, ci_low=low, ci_high=high,

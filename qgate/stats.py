@@ -12,6 +12,16 @@ Pure functions on numbers; no I/O, no models. Conventions:
   bootstrap over documents with a fixed seed. A corpus-level metric such as
   perplexity is recomputed from the resampled documents' (loglikelihood,
   weight) pairs, so the resampling unit is the document, not the token.
+
+The decision rule (``verdict``; the decision engine, qgate.decide, applies it): pass when the whole
+CI lies within the allowed drop; fail when the estimate is beyond the allowed drop, the CI's upper
+end is below zero AND the p-value reported with the decision is below alpha = 1 - confidence. The
+p-value is the exact McNemar test for pass/fail metrics and the bootstrap tail probability for
+continuous ones. Both conditions are needed because interval and test are different procedures that
+can disagree near the boundary: Newcombe's interval is liberal for few discordant pairs (20 samples,
+5 lost and none gained: CI [-43.4, -3.2] pts, exact McNemar p = 0.0625), and the percentile interval
+can clear zero with a bootstrap p just above alpha. So a fail never stands beside p >= alpha nor
+beside a CI that includes zero; the published interval and the exact test stay as they are.
 """
 
 from __future__ import annotations
@@ -39,9 +49,11 @@ class Comparison:
     p_value: float
     n: int
     # standard deviation of one pair's contribution to delta (delta's sd is sd_pair / sqrt(n));
-    # what the "how many samples would decide" estimate extrapolates from
+    # what the "how many samples would decide" estimate extrapolates from for continuous metrics
     sd_pair: float
     discordant: tuple[int, int] | None = None  # (baseline-only passes, candidate-only passes)
+    # pass/fail metrics: paired_table's 2x2 table, which that estimate projects to larger n
+    table: tuple[int, int, int, int] | None = None
 
 
 def z_value(confidence: float) -> float:
@@ -56,25 +68,35 @@ def mcnemar_exact_p(b: int, c: int) -> float:
 
     b and c are the discordant counts. Exact in integer arithmetic (big ints), then one division.
     """
+    b, c = int(b), int(c)  # numpy integers would overflow 2**m
     if b < 0 or c < 0:
         raise ValueError("discordant counts must be non-negative")
     m = b + c
     if m == 0:
         return 1.0
     k = min(b, c)
-    tail = sum(math.comb(m, i) for i in range(k + 1))
+    term = tail = 1  # C(m, 0); then C(m, i + 1) = C(m, i) * (m - i) / (i + 1), exactly
+    for i in range(k):
+        term = term * (m - i) // (i + 1)
+        tail += term
     return min(1.0, 2 * tail / 2**m)
 
 
-def wilson_interval(successes: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval for a single proportion."""
-    if n == 0:
+def wilson_interval(successes, n, z: float):
+    """Wilson score interval for a single proportion.
+
+    Elementwise on numpy arrays, and counts may be fractional (a table projected to another sample
+    size); scalars in, floats out.
+    """
+    s, m = np.asarray(successes, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if s.ndim == 0 and m.ndim == 0 and m == 0:
         return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    p = s / m
+    denom = 1 + z * z / m
+    centre = (p + z * z / (2 * m)) / denom
+    half = z * np.sqrt(p * (1 - p) / m + z * z / (4 * m * m)) / denom
+    low, high = np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+    return (float(low), float(high)) if low.ndim == 0 else (low, high)
 
 
 def paired_table(baseline: Sequence[float], candidate: Sequence[float]) -> tuple[int, int, int, int]:
@@ -95,30 +117,33 @@ def paired_table(baseline: Sequence[float], candidate: Sequence[float]) -> tuple
     return both, base_only, cand_only, neither
 
 
-def newcombe_paired_interval(both: int, base_only: int, cand_only: int, neither: int,
-                             confidence: float = 0.95) -> tuple[float, float]:
-    """CI of p_candidate - p_baseline for paired proportions (Newcombe's method 10)."""
-    n = both + base_only + cand_only + neither
-    if n == 0:
+def newcombe_paired_interval(both, base_only, cand_only, neither, confidence: float = 0.95):
+    """CI of p_candidate - p_baseline for paired proportions (Newcombe's method 10).
+
+    Elementwise on numpy arrays of counts (an enumeration of tables is one call), and counts may be
+    fractional (a table projected to another sample size); scalars in, floats out.
+    """
+    both, b, c, nei = (np.asarray(x, dtype=np.float64) for x in (both, base_only, cand_only, neither))
+    n = both + b + c + nei
+    scalar = n.ndim == 0 and both.ndim == 0
+    if scalar and n == 0:
         return -1.0, 1.0
     z = z_value(confidence)
-    base_pass, cand_pass = both + base_only, both + cand_only
+    base_pass, cand_pass = both + b, both + c
     p1, p2 = base_pass / n, cand_pass / n
     l1, u1 = wilson_interval(base_pass, n, z)
     l2, u2 = wilson_interval(cand_pass, n, z)
     margins = base_pass * (n - base_pass) * cand_pass * (n - cand_pass)
-    phi = 0.0
-    if margins > 0:
-        cross = both * neither - base_only * cand_only
-        if cross > n / 2:
-            phi = (cross - n / 2) / math.sqrt(margins)
-        elif cross < 0:
-            phi = cross / math.sqrt(margins)
+    root = np.sqrt(np.where(margins > 0, margins, 1.0))
+    cross = both * nei - b * c
+    phi = np.where(margins > 0, np.where(cross > n / 2, (cross - n / 2) / root,
+                                         np.where(cross < 0, cross / root, 0.0)), 0.0)
     delta = p2 - p1
     # lower limit: candidate low, baseline high; upper: the other way round
-    low = delta - math.sqrt(max(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
-    high = delta + math.sqrt(max(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
-    return max(-1.0, low), min(1.0, high)
+    low = delta - np.sqrt(np.maximum(0.0, (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2))
+    high = delta + np.sqrt(np.maximum(0.0, (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2))
+    low, high = np.maximum(-1.0, low), np.minimum(1.0, high)
+    return (float(low), float(high)) if scalar else (low, high)
 
 
 def compare_binary(baseline: Sequence[float], candidate: Sequence[float],
@@ -136,7 +161,7 @@ def compare_binary(baseline: Sequence[float], candidate: Sequence[float],
     sd_pair = math.sqrt(max(0.0, mean_sq - delta * delta))
     return Comparison(baseline=p_base, candidate=p_cand, delta=delta, ci_low=low, ci_high=high,
                       p_value=mcnemar_exact_p(base_only, cand_only), n=n, sd_pair=sd_pair,
-                      discordant=(base_only, cand_only))
+                      discordant=(base_only, cand_only), table=(both, base_only, cand_only, neither))
 
 
 # ---- continuous metrics -------------------------------------------------------------------
@@ -211,17 +236,87 @@ def compare_bootstrap(baseline: Sequence[float], candidate: Sequence[float],
                       ci_high=float(high), p_value=p_value, n=n, sd_pair=sd_pair)
 
 
-def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int,
-                      confidence: float = 0.95) -> int | None:
-    """Roughly how many paired samples would put the whole CI on one side of ``threshold``.
+def on_threshold(delta, threshold):
+    """delta equals threshold up to floating-point rounding (16/20 - 18/20 against an allowed -10 pts).
 
-    Normal approximation: the CI half-width shrinks as z * sd_pair / sqrt(n), and the observed
-    delta is assumed to stay where it is. When no pair differed (sd 0), one discordant pair in n is
-    assumed, so the estimate stays finite and conservative. None when delta sits on the threshold.
+    Elementwise on numpy arrays; scalars in, a bool out.
     """
-    gap = abs(delta - threshold)
-    if gap == 0:
+    d, t = np.asarray(delta, dtype=np.float64), np.asarray(threshold, dtype=np.float64)
+    close = np.abs(d - t) <= np.maximum(1e-9 * np.maximum(np.abs(d), np.abs(t)), 1e-12)
+    return bool(close) if close.ndim == 0 else close
+
+
+def verdict(delta, low, high, p_value, threshold, confidence: float = 0.95):
+    """The decision rule: "pass", "fail" or "inconclusive" (see the module docstring).
+
+    Oriented so that a drop is negative: ``delta`` and its CI [low, high] in any units, ``threshold``
+    (= -allowed drop, <= 0) in the same units; ``p_value`` is the one reported with the decision.
+    An estimate on the threshold is not beyond it. Elementwise on numpy arrays (an array of strings).
+    """
+    delta, low, high, p, threshold = (np.asarray(x, dtype=np.float64)
+                                      for x in (delta, low, high, p_value, threshold))
+    passed = low >= threshold
+    beyond = (delta < threshold) & ~np.asarray(on_threshold(delta, threshold))
+    failed = beyond & (high < 0) & (p < 1.0 - confidence)
+    out = np.where(passed, "pass", np.where(failed, "fail", "inconclusive"))
+    return str(out) if out.ndim == 0 else out
+
+
+def _smallest_n(decides: Callable[[int], bool], start: int) -> int | None:
+    """Smallest n >= 1 with decides(n), for a decides that turns true once and stays: doubling from
+    ``start``, then bisection. None past 2**62."""
+    lo, hi = 0, max(1, start)
+    while not decides(hi):
+        lo, hi = hi, hi * 2
+        if hi > 2**62:
+            return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if decides(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int, confidence: float = 0.95, *,
+                      table: tuple[int, int, int, int] | None = None) -> int | None:
+    """About how many paired samples would decide, assuming the observed rates stay, on the side the
+    estimate is on. Oriented so that a drop is negative; ``threshold`` is -allowed drop (<= 0):
+
+    * estimate inside the allowed drop (delta > threshold): the n at which the CI's lower end reaches
+      the threshold, a pass;
+    * estimate beyond it (delta < threshold): the n at which the CI's upper end clears zero AND the
+      test is significant, a fail (``verdict`` asks for both).
+
+    Pass/fail metrics: ``table`` is the oriented paired table (both pass, lost, gained, both fail). It
+    is projected to other sample sizes at its observed rates (fractional counts) and the smallest n
+    whose Newcombe interval decides is found by bisection; the exact McNemar test's significance is
+    taken from its continuity-corrected normal form, (|lost - gained| - 1)^2 >= z^2 (lost + gained),
+    which asks for the same 6 discordant pairs as the exact test when none is gained (95%).
+    Continuous metrics: normal approximation, CI half-width z * sd_pair / sqrt(n) (the bootstrap's
+    interval and its p clear zero together to this approximation); with sd 0, one discordant pair in
+    n is assumed, so the estimate stays finite and conservative.
+    None when the estimate sits on the threshold (up to rounding): no number of samples decides then.
+    """
+    if on_threshold(delta, threshold):
         return None
-    sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
     z = z_value(confidence)
+    if table is not None:
+        rates = np.asarray(table, dtype=np.float64) / sum(table)
+        start = sum(table)
+        if delta > threshold:
+            return _smallest_n(lambda m: newcombe_paired_interval(*(rates * m), confidence)[0] >= threshold, start)
+        n_ci = _smallest_n(lambda m: newcombe_paired_interval(*(rates * m), confidence)[1] < 0, start)
+        if n_ci is None:
+            return None
+        # (m D - 1)^2 >= z^2 m S for discordant rates S = lost + gained, D = |lost - gained|
+        s, d = rates[1] + rates[2], abs(rates[1] - rates[2])
+        if d == 0:
+            return n_ci
+        q = 2 * d + z * z * s
+        n_test = math.ceil((q + math.sqrt(q * q - 4 * d * d)) / (2 * d * d))
+        return max(n_ci, n_test)
+    sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
+    gap = delta - threshold if delta > threshold else -delta
     return max(1, math.ceil((z * sd / gap) ** 2))

@@ -191,6 +191,29 @@ def test_twenty_samples_one_flip_is_inconclusive_and_says_how_many_would_decide(
     assert f"about {d.samples_needed} samples would decide" in d.reason
 
 
+def test_an_estimate_on_the_allowed_drop_says_no_number_of_samples_decides():
+    # 18/20 -> 16/20 against an allowed -10 pts: -0.1 only up to float rounding, which advised
+    # "about 448784877754822708872548639047680 samples"
+    base, cand = binary_pair(20, 16, 2, 0)
+    d = decide_task(base, cand, TaskPolicy("humaneval", metric="acc", max_drop=10.0), True, True)
+    assert d.verdict == "inconclusive" and d.samples_needed is None
+    assert d.reason == ("humaneval: -10.0 pts, 95% CI [-29.4, +8.1], allowed -10.0, n=20: inconclusive "
+                        "(the estimate sits exactly on the allowed drop: more samples decide only if it moves)")
+
+
+def test_samples_needed_follows_the_side_that_would_decide():
+    # 5 lost of 100, none gained: -5.0 pts, CI [-9.6, -0.3] already clear of zero, but exact McNemar
+    # p = 0.0625. Against an allowed -4 a fail would decide: 6 lost answers, at 5% about 114 samples
+    # (measuring the 1 point to the threshold instead advised about 1,825).
+    base, cand = binary_pair(100, 50, 5, 0)
+    beyond = decide_task(base, cand, TaskPolicy("mmlu", metric="acc", max_drop=4.0), True, True)
+    assert beyond.verdict == "inconclusive" and beyond.ci_high < 0 and beyond.p_value == 0.0625
+    assert beyond.samples_needed == 114
+    # against an allowed -6 only a pass can decide: the lower end must come up from -9.6 to -6
+    inside = decide_task(base, cand, TaskPolicy("mmlu", metric="acc", max_drop=6.0), True, True)
+    assert inside.verdict == "inconclusive" and 1000 < inside.samples_needed < 3000
+
+
 def test_inconclusive_and_advisory_effects():
     base, cand = binary_pair(20, 10, 1, 0)
     d = decide_task(base, cand, TP, True, True)

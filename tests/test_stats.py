@@ -19,6 +19,8 @@ def test_mcnemar_is_exact_for_large_counts():
     # 2 * P(X <= 0) for X ~ Bin(2000, 1/2): far below float underflow of naive products, still exact
     assert stats.mcnemar_exact_p(0, 60) == pytest.approx(2 * 0.5**60, rel=1e-12)
     assert stats.mcnemar_exact_p(900, 1100) == pytest.approx(binomtest(900, 2000, 0.5).pvalue, rel=1e-9)
+    # numpy counts (a table from np.random or an array) must not overflow 2**m in int64
+    assert stats.mcnemar_exact_p(np.int64(5), np.int64(70)) == pytest.approx(binomtest(5, 75, 0.5).pvalue, rel=1e-12)
 
 
 def test_newcombe_paired_interval_published_example():
@@ -35,6 +37,21 @@ def test_newcombe_interval_is_antisymmetric_and_contains_estimate():
     low2, high2 = stats.newcombe_paired_interval(40, 2, 7, 51)
     assert (low, high) == pytest.approx((-high2, -low2), abs=1e-12)
     assert low < (2 - 7) / 100 < high
+
+
+def test_newcombe_interval_is_elementwise_on_arrays():
+    # one call decides an enumeration of tables; each row is the scalar interval (to rounding)
+    rng = np.random.default_rng(5)
+    tables = rng.integers(0, 60, size=(500, 4))
+    tables[0] = (0, 0, 0, 7)
+    low, high = stats.newcombe_paired_interval(*tables.T, confidence=0.9)
+    for row, lo, hi in zip(tables, low, high):
+        assert (lo, hi) == pytest.approx(stats.newcombe_paired_interval(*map(int, row), confidence=0.9), abs=1e-12)
+    assert isinstance(stats.newcombe_paired_interval(40, 7, 2, 51)[0], float)
+    # counts may be fractional (a table projected to another size): between its integer neighbours
+    low, high = stats.newcombe_paired_interval(100, 17.5, 5, 127.5)
+    assert stats.newcombe_paired_interval(100, 18, 5, 127) < (low, high) < stats.newcombe_paired_interval(100, 17, 5, 128)
+    assert high < stats.newcombe_paired_interval(100, 17, 5, 128)[1]
 
 
 def test_newcombe_interval_covers_at_the_nominal_rate():
@@ -121,10 +138,13 @@ def test_bits_per_byte_aggregate():
 
 
 def test_samples_to_decide_formula_and_effect():
-    # drop of 3 points against an allowed 1: gap 0.02, sd 0.3 -> (1.96 * 0.3 / 0.02)^2 = 864.3
-    assert stats.samples_to_decide(-0.03, -0.01, 0.3, 100) == math.ceil((norm.ppf(0.975) * 0.3 / 0.02) ** 2)
+    # drop of 3 points against an allowed 1: a fail needs the interval to clear zero, 0.03 away:
+    # sd 0.3 -> (1.96 * 0.3 / 0.03)^2 = 384.1 (not the 0.02 to the threshold, which a pass would need)
+    assert stats.samples_to_decide(-0.03, -0.01, 0.3, 100) == math.ceil((norm.ppf(0.975) * 0.3 / 0.03) ** 2)
+    # no drop against an allowed 2: a pass needs the lower end above -0.02
+    assert stats.samples_to_decide(0.0, -0.02, 0.3, 100) == math.ceil((norm.ppf(0.975) * 0.3 / 0.02) ** 2)
     assert stats.samples_to_decide(-0.01, -0.01, 0.3, 100) is None
-    # with a few times that many samples the interval of a simulated comparison sits below the threshold
+    # with a few times that many samples a simulated comparison fails: interval clear of zero, p < 0.05
     rng = np.random.default_rng(11)
     n = stats.samples_to_decide(-0.10, -0.02, math.sqrt(0.2 - 0.01), 50)
     p = np.array([0.5, 0.15, 0.05, 0.3])  # delta = -0.10, E[d^2] = 0.2
@@ -132,10 +152,40 @@ def test_samples_to_decide_formula_and_effect():
     for _ in range(200):
         t = rng.multinomial(4 * n, p)
         lo, hi = stats.newcombe_paired_interval(*map(int, t))
-        decided += hi < -0.02
+        delta = (t[2] - t[1]) / t.sum()
+        decided += stats.verdict(delta, lo, hi, stats.mcnemar_exact_p(t[1], t[2]), -0.02) == "fail"
     assert decided / 200 > 0.9
 
 
 def test_samples_to_decide_stays_finite_without_discordant_pairs():
     n = stats.samples_to_decide(0.0, -0.01, 0.0, 40)
     assert n is not None and n > 40
+
+
+def test_samples_to_decide_past_the_allowed_drop_measures_to_zero():
+    # -3.5 pts against an allowed -3, sd 0.2: the distance to the threshold (0.5 pts) advised 6,147
+    # samples; a fail needs the interval to clear zero, 3.5 pts away: (1.96 * 0.2 / 0.035)^2 = 125.4
+    assert stats.samples_to_decide(-0.035, -0.03, 0.2, 200) == 126
+    assert stats.samples_to_decide(-0.025, -0.03, 0.2, 200) == math.ceil((norm.ppf(0.975) * 0.2 / 0.005) ** 2)
+
+
+def test_samples_to_decide_on_the_threshold_is_none_despite_rounding():
+    # 18/20 -> 16/20 against an allowed -10 pts: delta is -0.1 only up to float rounding, which advised
+    # 448784877754822708872548639047680 samples
+    delta = 16 / 20 - 18 / 20
+    assert delta != -0.1
+    assert stats.samples_to_decide(delta, -10.0 / 100, math.sqrt(0.1 - delta * delta), 20) is None
+    assert stats.samples_to_decide(delta, -0.1, 0.3, 20, table=(16, 2, 0, 2)) is None
+    assert stats.on_threshold(delta * 100, -10.0) and not stats.on_threshold(-0.1001, -0.1)
+
+
+def test_samples_to_decide_for_pass_fail_counts_the_exact_test():
+    # one lost answer of 20 (-5 pts, allowed -3): the interval clears zero near 73 samples (normal) and
+    # ~91 (Newcombe), but exact McNemar needs 6 lost with none gained (5 gives p = 0.0625): 5% of ~114
+    n = stats.samples_to_decide(-0.05, -0.03, math.sqrt(0.05 - 0.0025), 20, table=(10, 1, 0, 9))
+    assert n == 114
+    assert stats.mcnemar_exact_p(round(0.05 * n), 0) < 0.05 <= stats.mcnemar_exact_p(5, 0)
+    # inside the allowed drop: the projected Newcombe interval's lower end reaches the threshold
+    n = stats.samples_to_decide(0.0, -0.05, 0.0, 20, table=(10, 0, 0, 10))
+    low = stats.newcombe_paired_interval(n / 2, 0, 0, n / 2)[0]
+    assert low >= -0.05 > stats.newcombe_paired_interval((n - 1) / 2, 0, 0, (n - 1) / 2)[0]
