@@ -26,6 +26,9 @@ from qgate import stats
 from qgate.metrics import CORPUS_WEIGHTS
 from qgate.policy import Policy, TaskPolicy
 
+
+# ---- one task from paired samples ------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Decision:
     """One task's verdict. delta, ci_low, ci_high, threshold are in the task's units: percentage

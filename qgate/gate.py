@@ -198,6 +198,7 @@ class _Runner:
         self.evaluations_cached = 0
         self.models_loaded = 0
         self.loaded = None  # (member name, format, LoadedModel)
+        self.requested = None  # the candidate format whose chain is being walked (for progress notes)
         self.version = __version__
         self.runtime = {"device": setup.device.type, "dtype": str(setup.dtype).removeprefix("torch.")}
         self.task_ids = {}
