@@ -140,7 +140,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
     """The member's GGUF file, assembled from its parts once into $QGATE_CACHE and checked.
 
     A file already assembled is recognised by its recorded sha256 (through the file-hash index, so it is
-    not re-read); otherwise every part is located (a missing package: one line with the pip command), its
+    not re-read, and its parts are not looked at); otherwise every part is located (a missing package: one line with the pip command), its
     size checked, then all parts are streamed once into a temporary file in the cache folder while each
     part's sha256 and the whole file's are computed; only when all match is it renamed into place.
     """
@@ -172,9 +172,6 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
         if got != part.size:
             raise _wrong_part(member, part, path, "size", f"{part.size} bytes", f"{got} bytes")
 
-    if progress:
-        print(f"assembling {member.location} from {len(located)} parts once into {target.parent}",
-              file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
@@ -204,6 +201,9 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _remember_sha256(target, member.sha256)
+    if progress:  # after the fact: a failure stays one line
+        print(f"assembled {member.location} from {len(located)} checked parts into {target.parent} (once)",
+              file=sys.stderr, flush=True)
     return target
 
 
