@@ -140,9 +140,10 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
     """The member's GGUF file, assembled from its parts once into $QGATE_CACHE and checked.
 
     A file already assembled is recognised by its recorded sha256 (through the file-hash index, so it is
-    not re-read, and its parts are not looked at); otherwise every part is located (a missing package: one line with the pip command), its
-    size checked, then all parts are streamed once into a temporary file in the cache folder while each
-    part's sha256 and the whole file's are computed; only when all match is it renamed into place.
+    not re-read, and its parts are not looked at). Otherwise every part is located (a missing package:
+    one line with the pip command) and its size checked, then all parts are streamed once into a
+    temporary file in the cache folder while each part's sha256 and the whole file's are computed; only
+    when all match is it renamed into place.
     """
     if not member.parts or not member.sha256 or member.size is None or any(not p.sha256 for p in member.parts):
         raise QgateError(
