@@ -275,3 +275,28 @@ def test_qwen2_5_coder_0_5b_assembles_loads_and_writes_a_python_function(monkeyp
         out = lm.model.generate(**ids, max_new_tokens=48, do_sample=False)
     text = lm.tokenizer.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
     assert "def is_prime(" in text, text
+
+
+def test_the_gate_stores_the_assembled_hash_and_the_members_description(fake, tmp_path, monkeypatch):
+    """The checkpoint a run records: id = the assembled file's sha256, info = its source and description."""
+    from qgate import gate
+    from qgate.store import open_store
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # everything up to the evaluations ran; no model is loaded
+        raise Stop
+
+    monkeypatch.setattr(gate, "_run", stop)
+    db = tmp_path / "gate.db"
+    with pytest.raises(Stop):
+        gate.run_gate("fakecoder", ["nvfp4"], db=f"sqlite:///{db}", progress=False, device="cpu", report=False)
+    store = open_store(f"sqlite:///{db}")
+    try:
+        row = store.checkpoint(f"sha256:{fake.sha256}")
+    finally:
+        store.close()
+    assert row["member"] == "fakecoder-tiny" and row["file_hash"] == fake.sha256
+    assert row["source"] == str(fake.target)
+    assert row["info"] == {"source": "gguf", "description": "synthetic bytes"}
