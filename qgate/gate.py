@@ -372,7 +372,8 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
             backend=setup.backend_name, device=str(setup.device), sample_limit=setup.limit)
         for m in setup.members:
             store.put_checkpoint(m.checkpoint_id, family=family, member=m.name, source=m.spec.location,
-                                 revision=m.spec.revision, file_hash=m.file_hash, info={"source": m.spec.source})
+                                 revision=m.spec.revision, file_hash=m.file_hash,
+                                 info={"source": m.spec.source, "description": m.spec.description or None})
         try:
             result = _run(setup, store, run_id, bar, log, started)
         except BaseException as exc:

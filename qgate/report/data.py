@@ -8,7 +8,8 @@ be empty; numbers may be None where unknown):
                 backend, device, host, git_revision, started_at, finished_at (ISO strings),
                 versions {library: version}, qgate_version
     members:    [{member, requested_format, outcome ("ships" | "fallback" | "blocked"),
-                  shipped_format (str | None), reasons [str], checkpoint {id, source, revision, file_hash}}]
+                  shipped_format (str | None), reasons [str], checkpoint {id, source, revision, file_hash,
+                  description (how the baseline was made, or None)}}]
     results:    [{member, format, task, metric, unit, higher_is_better, baseline, candidate, delta,
                   ci_low, ci_high, threshold (signed delta at which the task fails), confidence, n,
                   verdict ("pass" | "fail" | "inconclusive"), blocking, reason, samples_needed}]
@@ -107,6 +108,7 @@ def _members(store, run: dict, links: list[dict], outcomes: list[dict]) -> list[
         if link["member"] not in checkpoints and link.get("checkpoint_id"):
             row = store.checkpoint(link["checkpoint_id"]) or {}
             checkpoints[link["member"]] = {k: row.get(k) for k in ("id", "source", "revision", "file_hash")}
+            checkpoints[link["member"]]["description"] = (row.get("info") or {}).get("description")
     members = []
     for o in outcomes:
         members.append({"member": o["member"], "requested_format": o["format"], "outcome": o["outcome"],
