@@ -65,6 +65,7 @@ class GateResult:
     seconds: float
     report_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)  # per member: checkpoint id, source, provenance
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN/inf become null)."""
@@ -74,7 +75,7 @@ class GateResult:
                 "members": [m.to_dict() for m in self.members], "tasks": [t.to_dict() for t in self.tasks],
                 "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
                 "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
-                "report": self.report_path, "notes": list(self.notes)})
+                "report": self.report_path, "notes": list(self.notes), "checkpoints": list(self.checkpoints)})
 
 
 # ---- what a run is about, resolved before the database is touched ------------------------------------
@@ -410,11 +411,14 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
     worst = worst_outcome([o.outcome for o in outcomes])
     exit_code = OUTCOME_EXIT[worst]
     store.finish_run(run_id, status="completed", outcome=worst, exit_code=exit_code)
+    checkpoints = [{"member": m.name, "checkpoint": m.checkpoint_id, "source": m.spec.location,
+                    "description": m.spec.description or None} for m in setup.members]
     return GateResult(run_id=run_id, family=pol.family, formats=setup.formats, suite=setup.suite.name,
                       policy_path=pol.path, policy_hash=pol.hash, db_url=store.url, outcome=worst,
                       exit_code=exit_code, members=outcomes, tasks=verdicts,
                       evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
-                      models_loaded=runner.models_loaded, seconds=time.perf_counter() - started)
+                      models_loaded=runner.models_loaded, seconds=time.perf_counter() - started,
+                      checkpoints=checkpoints)
 
 
 def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:

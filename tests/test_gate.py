@@ -237,6 +237,9 @@ def test_killed_run_resumes_without_redoing_or_duplicating(first_run, gate_dir, 
     assert again.returncode == 0, err
     data = json.loads(out)
     assert data["evaluations_run"] == 1 and data["evaluations_cached"] == 3  # only the unfinished one
+    [checkpoint] = data["checkpoints"]  # the baseline's provenance travels with the JSON result
+    assert checkpoint["member"] == "smollm2-135m-instruct" and checkpoint["checkpoint"].startswith("sha256:")
+    assert checkpoint["source"].endswith(".gguf")
     final = counts(db)
     assert final["evaluations"] == start + 2
     con = sqlite3.connect(db)
