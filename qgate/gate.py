@@ -66,13 +66,16 @@ class GateResult:
     report_path: str | None = None
     notes: list[str] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)  # per member: checkpoint id, source, provenance
+    task_seconds: dict = field(default_factory=dict)  # (member, format, task) -> how long its evaluation took
 
     def to_dict(self) -> dict:
         """JSON-ready (NaN/inf become null)."""
         return json_safe({"run_id": self.run_id, "family": self.family, "formats": self.formats, "suite": self.suite,
                 "policy": self.policy_path, "policy_hash": self.policy_hash, "db": redact_url(self.db_url),
                 "outcome": self.outcome, "exit_code": self.exit_code,
-                "members": [m.to_dict() for m in self.members], "tasks": [t.to_dict() for t in self.tasks],
+                "members": [m.to_dict() for m in self.members],
+                "tasks": [dict(v.to_dict(), requested=o.format, seconds=self.task_seconds.get((v.member, v.format, v.task)))
+                          for o in self.members for v in o.verdicts],
                 "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
                 "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
                 "report": self.report_path, "notes": list(self.notes), "checkpoints": list(self.checkpoints)})
@@ -200,6 +203,7 @@ class _Runner:
         self.models_loaded = 0
         self.loaded = None  # (member name, format, LoadedModel)
         self.requested = None  # the candidate format whose chain is being walked (for progress notes)
+        self.seconds: dict[tuple, float | None] = {}  # (member, format, task) -> the evaluation's duration
         self.version = __version__
         self.runtime = {"device": setup.device.type, "dtype": str(setup.dtype).removeprefix("torch.")}
         self.task_ids = {}
@@ -326,6 +330,8 @@ class _Runner:
                     self.bar.note(f"{member}: {self.requested} is blocked; trying fallback {fmt}")
                 evaluated[fmt] = self.ensure(m, fmt, role)
             base = self.store.evaluation(base_keys[task]) or {}
+            cand = self.store.evaluation(evaluated[fmt][task]) or {}
+            self.seconds[(member, fmt, task)] = cand.get("duration_s")
             return Evidence(self.store.samples(base_keys[task]), self.store.samples(evaluated[fmt][task]),
                             tasks[task].to_dict(), base.get("higher_is_better") or {})
 
@@ -418,7 +424,7 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
                       exit_code=exit_code, members=outcomes, tasks=verdicts,
                       evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
                       models_loaded=runner.models_loaded, seconds=time.perf_counter() - started,
-                      checkpoints=checkpoints)
+                      checkpoints=checkpoints, task_seconds=runner.seconds)
 
 
 def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:

@@ -71,22 +71,43 @@ def markdown(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+JUNIT_PROPERTIES = ("requested", "role", "verdict", "effect", "metric", "unit", "baseline", "candidate", "delta",
+                    "ci_low", "ci_high", "threshold", "confidence", "n", "p_value", "samples_needed")
+
+
 def junit_xml(result: dict) -> str:
-    """One test case per member x format x task (fallbacks included); a blocking failure is a <failure>,
-    an advisory failure or an inconclusive "warn" is reported as passed with the reason in system-out."""
-    cases = []
-    failures = 0
+    """One test case per member x format x task (fallbacks included) that agrees with the exit code:
+    a blocking failure is a <failure> only where its member x format ends blocked (exit 1); where the
+    fallback chain ships another format (exit 3, a pass in the README's CI recipe) it is <skipped> with
+    the format that ships; an inconclusive decision is <skipped> with its reason; an advisory failure
+    passes with the reason in system-out. Each case has its evaluation's time and the decision's numbers
+    as properties."""
+    outcomes = {(m["member"], m["format"]): m for m in result["members"]}
+    cases, failures, skipped = [], 0, 0
     for t in result["tasks"]:
         name = f"{t['member']} {t['format']} {t['task']}"
-        body = f"<system-out>{escape(t['reason'])}</system-out>"
-        if t["effect"] == "fail":
+        outcome = outcomes.get((t["member"], t.get("requested", t["format"])), {})
+        body = ""
+        if t["effect"] == "fail" and outcome.get("outcome") == "blocked":
             failures += 1
             body = (f"<failure message={quoteattr(t['reason'])} type={quoteattr(t['verdict'])}>"
-                    f"{escape(t['reason'])}</failure>") + body
+                    f"{escape(t['reason'])}</failure>")
+        elif t["effect"] == "fail":
+            skipped += 1
+            message = f"{t['format']} does not ship: {outcome.get('shipped_format')} ships instead; {t['reason']}"
+            body = f"<skipped message={quoteattr(message)}/>"
+        elif t["verdict"] == "inconclusive":
+            skipped += 1
+            body = f"<skipped message={quoteattr(t['reason'] + ' (gate: ' + t['effect'] + ')')}/>"
+        props = "".join(f"<property name={quoteattr(k)} value={quoteattr(str(t[k]))}/>"
+                        for k in JUNIT_PROPERTIES if t.get(k) is not None)
+        seconds = t.get("seconds") or 0.0
         cases.append(f'    <testcase classname={quoteattr("qgate." + result["family"] + "." + t["role"])} '
-                     f'name={quoteattr(name)} time="0">{body}</testcase>')
+                     f'name={quoteattr(name)} time="{seconds:.3f}"><properties>{props}</properties>{body}'
+                     f'<system-out>{escape(t["reason"])}</system-out></testcase>')
     suite_name = f"qgate {result['family']} {' '.join(result['formats'])}"
+    counts = f'tests="{len(cases)}" failures="{failures}" skipped="{skipped}"'
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n'
-            f'<testsuites name="qgate" tests="{len(cases)}" failures="{failures}">\n'
-            f'  <testsuite name={quoteattr(suite_name)} tests="{len(cases)}" failures="{failures}" errors="0" '
+            f'<testsuites name="qgate" {counts}>\n'
+            f'  <testsuite name={quoteattr(suite_name)} {counts} errors="0" '
             f'time="{result["seconds"]:.3f}">\n' + "\n".join(cases) + "\n  </testsuite>\n</testsuites>\n")

@@ -338,16 +338,40 @@ def _hand_made_result():
             "seconds": 12.5, "report": None, "notes": []}
 
 
-def test_junit_has_one_case_per_member_format_task_and_fails_only_blocking_failures():
+def test_junit_has_one_case_per_member_format_task_and_agrees_with_the_exit_code():
+    """Exit 3 (the fallback ships; a pass in the README's CI recipe) leaves no <failure>: the replaced
+    candidate's failing task is <skipped> naming what ships. Exit 1 (blocked) has the <failure>."""
     from qgate.summary import junit_xml
 
-    root = ET.fromstring(junit_xml(_hand_made_result()))
+    data = _hand_made_result()
+    data["tasks"][0].update(delta=34.13, ci_low=17.62, ci_high=58.73, threshold=11.16, n=4, p_value=0.0312,
+                            requested="nvfp4", seconds=41.5)
+    root = ET.fromstring(junit_xml(data))
     cases = {c.get("name"): c for c in root.iter("testcase")}
     assert set(cases) == {f"{MEMBER} nvfp4 perplexity", f"{MEMBER} nvfp4 mmlu", f"{MEMBER} fp8 perplexity"}
-    assert cases[f"{MEMBER} nvfp4 perplexity"].find("failure") is not None
+    replaced = cases[f"{MEMBER} nvfp4 perplexity"]
+    assert replaced.find("failure") is None
+    assert replaced.find("skipped").get("message").startswith("nvfp4 does not ship: fp8 ships instead; perplexity:")
+    assert replaced.get("time") == "41.500"
+    props = {p.get("name"): p.get("value") for p in replaced.iter("property")}
+    assert props["delta"] == "34.13" and props["ci_low"] == "17.62" and props["threshold"] == "11.16"
+    assert props["n"] == "4" and props["p_value"] == "0.0312" and props["requested"] == "nvfp4"
     assert cases[f"{MEMBER} nvfp4 mmlu"].find("failure") is None  # advisory
     assert cases[f"{MEMBER} fp8 perplexity"].find("system-out").text.endswith("n=4: pass")
-    assert root.get("tests") == "3" and root.get("failures") == "1"
+    assert root.get("tests") == "3" and root.get("failures") == "0" and root.get("skipped") == "1"
+
+    blocked = _hand_made_result()
+    blocked.update(outcome="blocked", exit_code=1, tasks=blocked["tasks"][:2])
+    blocked["members"][0].update(outcome="blocked", shipped_format=None)
+    root = ET.fromstring(junit_xml(blocked))
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert cases[f"{MEMBER} nvfp4 perplexity"].find("failure") is not None
+    assert root.get("failures") == "1" and root.get("skipped") == "0"
+
+    unsure = _hand_made_result()
+    unsure["tasks"][2].update(verdict="inconclusive", effect="warn", reason="perplexity: n=4: inconclusive")
+    case = [c for c in ET.fromstring(junit_xml(unsure)).iter("testcase") if "fp8" in c.get("name")][0]
+    assert case.find("skipped").get("message") == "perplexity: n=4: inconclusive (gate: warn)"
 
 
 def test_markdown_and_console_summaries():
