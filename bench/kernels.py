@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from qgate.formats import get_format, list_formats  # noqa: E402
+from qgate.formats import ScaleKind, get_format, list_formats  # noqa: E402
 
 GOAL_FORMATS = ("mxfp4", "nvfp4", "mxfp8_e4m3")
 TORCHAO_MX = {"mxfp4": "float4_e2m1fn_x2", "mxfp6_e2m3": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2",
@@ -289,7 +289,7 @@ def model_figure(formats: tuple[str, ...] = GOAL_FORMATS, end_to_end: bool = Tru
         entry = {"triton_s": round(t_tri, 4), "triton_gbps": round(moved / t_tri / 1e9),
                  "reference_s": round(t_ref, 3), "reference_gbps": round(moved / t_ref / 1e9),
                  "speedup": round(t_ref / t_tri, 1)}
-        if fmt.scale == "e8m0":  # the reference on CUDA is exact for MX: compare every element
+        if fmt.scale is ScaleKind.E8M0:  # the reference on CUDA is exact for MX: compare every element
             refs = [ref.fake_quantize(w, fmt) for _, w in weights[:28]]
             differ = sum(int((_bits(tri.fake_quantize(w, fmt)) != _bits(r)).sum()) for (_, w), r in zip(weights, refs))
             entry["differing_elements_first_4_layers"] = differ
