@@ -26,7 +26,8 @@ REQUIRED_TASK_KEYS = ("name", "lm_eval_task", "data", "num_fewshot", "metric", "
 GENERATION_KEYS = {"max_gen_toks", "until"}
 PER_SAMPLE_KINDS = ("binary", "continuous")
 DEFAULT_SEED = 1234
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")  # task names
+SUITE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")  # suite names may hold hyphens (standard-offline)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def find_suite(name_or_path: str | Path) -> Path:
         if not p.is_file():
             raise QgateError(f"suite file {p} does not exist")
         return p
-    if not NAME_RE.match(str(name_or_path)):
+    if not SUITE_NAME_RE.match(str(name_or_path)):
         raise QgateError(f"suite {str(name_or_path)!r}: not a file and not a suite name")
     for d in suite_dirs():
         candidate = d / f"{name_or_path}.yaml"
@@ -152,7 +153,7 @@ def parse_suite(raw: Any, source: str = "<suite>", doc: YamlDoc | None = None) -
         raise bad((), "expected a mapping with keys 'suite' and 'tasks'")
     doc.check_keys((), raw, sorted(SUITE_KEYS))
     name = raw.get("suite")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not SUITE_NAME_RE.match(name):
         raise bad(("suite",), f"expected a lower-case name like 'smoke', got {name!r}")
     description = raw.get("description", "") or ""
     if not isinstance(description, str):

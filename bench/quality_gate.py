@@ -1,0 +1,150 @@
+"""The real-model gate as a benchmark: a family member x candidate formats on a suite sized to decide.
+
+Spreads the work over the GPUs of one machine by task (each GPU evaluates its share of the suite's tasks
+for every format, in its own `qgate run` process on one shared SQLite store), then runs the full gate once
+more: every evaluation is then in the store, so that run only decides, renders the report and prints JSON.
+The "mixed-fp4" candidate (the mixed-fp4 recipe around nvfp4) is gated through a second policy file,
+derived from the family's, because a policy names each format once.
+
+Writes into --out: gate-<policy>.json, report-<policy>.html, quality.md (per format x task: scores, delta,
+interval, p, decision, n, evaluation time; the family verdict), gpu-<i>.log.
+
+    python bench/quality_gate.py --family qwen2.5-coder --member qwen2.5-coder-0.5b-instruct \
+        --suite standard-offline --gpus 2 --db /tmp/quality.db --out /tmp/quality
+
+On one CPU-only machine pass --gpus 1 --device cpu (and --limit N to keep it short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ["nvfp4", "mxfp4", "mxfp6_e2m3", "mxfp8_e4m3", "fp8"]
+# relative cost of a task's evaluation (generation length x samples), to balance the GPUs
+COST = {"ifeval": 6, "humaneval": 2, "gsm_symbolic": 2, "json_schema": 2, "needle": 2, "mmlu": 2, "perplexity": 1}
+
+
+def qgate(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from qgate.cli import main; main()", *args]
+
+
+def split_suite(suite_path: Path, parts: int, out: Path) -> list[Path]:
+    suite = yaml.safe_load(suite_path.read_text())
+    groups: list[list[dict]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for task in sorted(suite["tasks"], key=lambda t: -COST.get(t["name"], 2)):
+        i = load.index(min(load))
+        groups[i].append(task)
+        load[i] += COST.get(task["name"], 2)
+    paths = []
+    for i, tasks in enumerate(groups):
+        part = {**suite, "suite": f"{suite['suite']}-part-{chr(97 + i)}", "tasks": tasks}
+        path = out / f"suite-part{i}.yaml"
+        path.write_text(yaml.safe_dump(part, sort_keys=False))
+        paths.append(path)
+    return paths
+
+
+def mixed_policy(family: str, out: Path) -> Path:
+    policy = yaml.safe_load((ROOT / "policies" / f"{family}.yaml").read_text())
+    policy["formats"] = {"nvfp4": {"recipe": "mixed-fp4"}}
+    policy["description"] = f"{policy.get('description', '')} (benchmark: the mixed-fp4 recipe around nvfp4)"
+    path = out / f"{family}-mixed.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="qwen2.5-coder")
+    ap.add_argument("--member", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--suite", default="standard-offline")
+    ap.add_argument("--formats", nargs="+", default=FORMATS)
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--finalize-only", action="store_true", help="only the deciding runs (evaluations stored)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    suite_path = Path(args.suite) if args.suite.endswith((".yaml", ".yml")) else ROOT / "suites" / f"{args.suite}.yaml"
+    mixed = mixed_policy(args.family, args.out)
+    common = ["--family", args.family, "--member", args.member, "--db", args.db, "--device", args.device]
+    if args.limit:
+        common += ["--limit", str(args.limit)]
+    fmt_args = [a for f in args.formats for a in ("--format", f)]
+    started = time.time()
+    if not args.finalize_only:
+        procs = []
+        for i, part in enumerate(split_suite(suite_path, args.gpus, args.out)):
+            env = dict(os.environ)
+            if args.device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = str(i)
+            log = open(args.out / f"gpu-{i}.log", "w")
+            script = (subprocess.list2cmdline(qgate("run", *common, "--suite", str(part), *fmt_args, "--no-report"))
+                      + "; " + subprocess.list2cmdline(qgate("run", *common, "--suite", str(part), "--policy",
+                                                              str(mixed), "--format", "nvfp4", "--no-report")))
+            procs.append(subprocess.Popen(["bash", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=ROOT))
+        for p in procs:
+            p.wait()
+        print(f"evaluations done in {time.time() - started:.0f} s", flush=True)
+    results = {}
+    for name, extra in (("main", fmt_args), ("mixed", ["--policy", str(mixed), "--format", "nvfp4"])):
+        cmd = qgate("run", *common, "--suite", str(suite_path), *extra, "--json",
+                    "-o", str(args.out / f"report-{name}.html"))
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        (args.out / f"gate-{name}.json").write_text(done.stdout)
+        (args.out / f"gate-{name}.stderr").write_text(done.stderr)
+        try:
+            results[name] = json.loads(done.stdout)
+        except ValueError:
+            print(f"{name}: exit {done.returncode}, no JSON; stderr tail:\n{done.stderr[-2000:]}", flush=True)
+    table = quality_table(results)
+    (args.out / "quality.md").write_text(table)
+    print(table)
+    print(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+def _fmt(v, spec=".1f"):
+    return "" if v is None else format(v, spec)
+
+
+def quality_table(results: dict) -> str:
+    lines = ["| candidate | task | baseline | candidate | delta | 95% CI | p | allowed | decision | n | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for name, res in results.items():
+        for t in res.get("tasks", []):
+            label = "mixed-fp4" if name == "mixed" and t["format"] == "nvfp4" else t["format"]
+            key = (label, t["task"])
+            if key in seen:
+                continue
+            seen.add(key)
+            scale = 100 if t.get("binary") else 1
+            lines.append(
+                f"| {label} | {t['task']} | {_fmt(t['baseline'] * scale if t.get('baseline') is not None else None, '.2f')}"
+                f" | {_fmt(t['candidate'] * scale if t.get('candidate') is not None else None, '.2f')}"
+                f" | {_fmt(t['delta'], '+.2f')} | [{_fmt(t['ci_low'], '+.2f')}, {_fmt(t['ci_high'], '+.2f')}]"
+                f" | {_fmt(t['p_value'], '.3g')} | {_fmt(t['threshold'], '+.2f')} | {t['verdict']} | {t['n']}"
+                f" | {_fmt(t.get('seconds'), '.0f')} |")
+        for m in res.get("members", []):
+            lines.append(f"\n{name}: {m.get('member')} {m.get('format')}: {m.get('outcome')} "
+                         f"(ships {m.get('shipped_format') or '-'})")
+        lines.append(f"{name}: outcome {res.get('outcome')}, exit {res.get('exit_code')}\n")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
