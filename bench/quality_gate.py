@@ -132,10 +132,8 @@ def quality_table(results: dict) -> str:
             if key in seen:
                 continue
             seen.add(key)
-            scale = 100 if t.get("binary") else 1
-            lines.append(
-                f"| {label} | {t['task']} | {_fmt(t['baseline'] * scale if t.get('baseline') is not None else None, '.2f')}"
-                f" | {_fmt(t['candidate'] * scale if t.get('candidate') is not None else None, '.2f')}"
+            lines.append(  # scores as decided: points for pass/fail metrics, the metric's units otherwise
+                f"| {label} | {t['task']} | {_fmt(t.get('baseline'), '.2f')} | {_fmt(t.get('candidate'), '.2f')}"
                 f" | {_fmt(t['delta'], '+.2f')} | [{_fmt(t['ci_low'], '+.2f')}, {_fmt(t['ci_high'], '+.2f')}]"
                 f" | {_fmt(t['p_value'], '.3g')} | {_fmt(t['threshold'], '+.2f')} | {t['verdict']} | {t['n']}"
                 f" | {_fmt(t.get('seconds'), '.0f')} |")

@@ -189,17 +189,22 @@ def policy_check_cmd(files):
 @click.argument("family")
 @click.option("--policy", "policy_path", default=None, type=click.Path(dir_okay=False),
               help="A policy file instead of policies/<family>.yaml.")
+@click.option("--suite", "suite_name", default=None, help="Size the table for this suite (default: the policy's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
-def policy_show_cmd(family, policy_path, as_json):
-    """Print FAMILY's thresholds per task of its suite as a table (for policy-file reviews)."""
+def policy_show_cmd(family, policy_path, suite_name, as_json):
+    """Print FAMILY's thresholds per task of its suite as a table (for policy-file reviews), with each task's
+    sample count and the smallest drop that count can detect."""
     policy = load_policy(policy_path or family, suite_tasks=suite_task_names)
     if as_json:
         click.echo(json.dumps(dict(policy.to_dict(), hash=policy.hash, path=policy.path), indent=2))
         return
-    try:
-        suite = load_suite(policy.suite)
-    except QgateError:
-        suite = None
+    if suite_name:
+        suite = load_suite(suite_name)  # named on the command line: a bad name is an error
+    else:
+        try:
+            suite = load_suite(policy.suite)
+        except QgateError:
+            suite = None
     click.echo(policy_table(policy, suite))
 
 

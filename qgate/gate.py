@@ -33,7 +33,7 @@ from qgate.decide import ChainOutcome, Evidence, TaskVerdict, walk_chain, worst_
 from qgate.errors import QgateError
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.formats import get_format
-from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config
+from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config, task_runtime
 from qgate.policy import MemberPolicy, load_policy
 from qgate.progress import Progress
 from qgate.report.render import render_run
@@ -228,7 +228,10 @@ class _Runner:
 
     def key(self, m: _MemberPlan, fmt: str, task_name: str) -> str:
         return evaluation_key(m.checkpoint_id, self.quant_id(fmt), self.task_ids[task_name], self.version,
-                              self.runtime)
+                              self.task_runtime(task_name))
+
+    def task_runtime(self, task_name: str) -> dict:
+        return task_runtime(self.runtime, self.s.suite.task(task_name).to_dict())
 
     # -- models --
 
@@ -307,7 +310,7 @@ class _Runner:
             task_config_id=self.task_ids[task_spec.name], qgate_version=self.version, task=task_spec.name,
             format=fmt, metrics=result.metrics, primary_metric=result.primary_metric, higher_is_better=hib,
             n=result.n, samples_rows=result.samples, data_source=getattr(result, "data_source", None),
-            extras=getattr(result, "extras", None), runtime=dict(self.runtime, backend=self.s.backend_name),
+            extras=getattr(result, "extras", None), runtime=dict(self.task_runtime(task_spec.name), backend=self.s.backend_name),
             duration_s=time.perf_counter() - started, started_at=started_at,
             run_link=dict(run_id=self.run_id, member=m.name, format=fmt, role=role, task=task_spec.name))
         if saved.inserted:

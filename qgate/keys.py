@@ -41,6 +41,16 @@ def quant_config_id(fmt: str, recipe: Any, backend_name: str) -> str | None:
     return content_hash(quant_config(fmt, recipe, backend_name))
 
 
+def task_runtime(runtime: dict, task_spec: dict | None) -> dict:
+    """The runtime an evaluation is keyed on: device and dtype; and, for a task scored by log-probabilities
+    (no generation) on a model below float32, that they were computed in float32 (FastLM). Scores from
+    before that (summed in bf16) are then never reused; generated text did not change, so its keys stay."""
+    out = {k: runtime[k] for k in ("device", "dtype") if k in runtime}
+    if out.get("dtype") not in (None, "float32") and task_spec is not None and not task_spec.get("generation"):
+        out["logprobs"] = "float32"
+    return out
+
+
 def evaluation_key(checkpoint_id: str, quant_config_id: str | None, task_config_id: str,
                    qgate_version: str, runtime: dict | None = None) -> str:
     """The cache key of one evaluation. quant_config_id None means the unquantized baseline."""

@@ -320,3 +320,29 @@ def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int, co
     sd = sd_pair if sd_pair > 0 else math.sqrt(1.0 / max(n, 1))
     gap = delta - threshold if delta > threshold else -delta
     return max(1, math.ceil((z * sd / gap) ** 2))
+
+
+def detectable_drop(n: int, confidence: float = 0.95, churn: float = 0.0) -> float | None:
+    """The smallest drop (a proportion) that n paired pass/fail samples can call significant.
+
+    A drop of d over n samples is D = d*n more samples lost than gained. With a share ``churn`` of the
+    samples changing outcome (at least D of them), the best case for detection splits them into
+    b = (K + D) / 2 lost and c = (K - D) / 2 gained, K = max(churn * n, D); the smallest D whose exact
+    McNemar p is below alpha = 1 - confidence is the answer. churn 0 (every changed sample lost) is the
+    floor: at 95% it takes 6 lost samples, so 20 samples cannot detect a drop under 30 points. A fail also
+    needs the estimate beyond the allowed drop (``verdict``): a task fails no drop smaller than the
+    larger of the two. None when even n lost samples would not be significant.
+    """
+    n = int(n)
+    if n <= 0:
+        return None
+    alpha = 1.0 - confidence
+    changed = round(max(0.0, min(1.0, churn)) * n)
+    for d in range(1, n + 1):
+        k = max(changed, d)
+        if (k - d) % 2:
+            k += 1
+        b, c = (k + d) // 2, (k - d) // 2
+        if b + c <= n and mcnemar_exact_p(b, c) < alpha:
+            return d / n
+    return None

@@ -241,3 +241,21 @@ def test_bench_saves_the_suite_requests(tmp_path):
     assert "Question:" in gen["args"][1]["until"]
     loaded = bench.load_requests(out)
     assert loaded["mmlu"][5].args == tuple(saved["mmlu"][5]["args"]) and loaded["mmlu"][5].doc_id == saved["mmlu"][5]["doc_id"]
+
+
+def test_bf16_models_score_in_float32_as_hflm_with_a_float32_softmax(tiny):
+    """In bf16 a summed loglikelihood rounds to bf16's spacing (a perplexity moves by percents); FastLM
+    computes log-probabilities in float32: equal to HFLM(softmax_dtype="float32"), not to HFLM's default."""
+    import copy
+
+    model, tokenizer = tiny
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    doc = "A longer document that needs several windows and many tokens to score. " * 6
+    texts = [Instance("loglikelihood_rolling", {}, (doc,), 0, ("t", 0, 1))]
+    fast = FastLM(model16, tokenizer).loglikelihood_rolling(texts, disable_tqdm=True)[0]
+    stock32 = HFLM(pretrained=model16, tokenizer=tokenizer, batch_size=1,
+                   softmax_dtype="float32").loglikelihood_rolling(texts, disable_tqdm=True)[0]
+    stock16 = HFLM(pretrained=model16, tokenizer=tokenizer, batch_size=1).loglikelihood_rolling(texts, disable_tqdm=True)[0]
+    assert abs(fast - stock32) <= 1e-4 * abs(stock32)
+    assert torch.tensor(stock16, dtype=torch.bfloat16).item() == stock16  # the default sums in bf16 ...
+    assert torch.tensor(fast, dtype=torch.bfloat16).item() != fast  # ... FastLM does not

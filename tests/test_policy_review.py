@@ -391,3 +391,19 @@ def test_an_inline_recipe_is_described_by_its_rules(tmp_path):
     result = CliRunner().invoke(cli, ["policy", "show", "qwen2.5", "--policy", str(new)])
     assert result.exit_code == 0, result.output
     assert "formats:  nvfp4 (inline: 3 rules)" in result.output
+
+
+def test_policy_show_states_each_tasks_sample_count_and_detectable_drop():
+    from click.testing import CliRunner
+
+    from qgate.cli import cli
+    from qgate.stats import detectable_drop
+
+    out = CliRunner().invoke(cli, ["policy", "show", "smollm2", "--suite", "smoke"])
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.output.splitlines() if line.startswith("mmlu "))
+    floor, churned = detectable_drop(40), detectable_drop(40, churn=0.1)
+    assert f" 40 " in row and f"{100 * floor:.1f} / {100 * churned:.1f} pts" in row  # limit 40: 6 lost = 15 pts
+    assert "(bootstrap)" in next(line for line in out.output.splitlines() if line.startswith("perplexity"))
+    bad = CliRunner().invoke(cli, ["policy", "show", "smollm2", "--suite", "nosuchsuite"])
+    assert bad.exit_code == 2

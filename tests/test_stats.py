@@ -189,3 +189,22 @@ def test_samples_to_decide_for_pass_fail_counts_the_exact_test():
     n = stats.samples_to_decide(0.0, -0.05, 0.0, 20, table=(10, 0, 0, 10))
     low = stats.newcombe_paired_interval(n / 2, 0, 0, n / 2)[0]
     assert low >= -0.05 > stats.newcombe_paired_interval((n - 1) / 2, 0, 0, (n - 1) / 2)[0]
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_detectable_drop_is_the_smallest_significant_excess_of_lost_samples(confidence):
+    alpha = 1 - confidence
+    for n in list(range(1, 60)) + [164, 541, 1140]:
+        for churn in (0.0, 0.05, 0.1, 0.3):
+            got = stats.detectable_drop(n, confidence, churn=churn)
+            changed = round(churn * n)
+
+            def significant(d):  # the best split of max(changed, d) changed samples with d more lost
+                k = max(changed, d) + (max(changed, d) - d) % 2
+                b, c = (k + d) // 2, (k - d) // 2
+                return b + c <= n and binomtest(b, b + c, 0.5).pvalue < alpha
+
+            smallest = next((d for d in range(1, n + 1) if significant(d)), None)
+            assert got == (None if smallest is None else smallest / n), (n, churn)
+    assert stats.detectable_drop(20) == pytest.approx(0.30)  # 6 lost of 20, none gained: p = 0.031
+    assert stats.detectable_drop(5) is None  # 5 of 5 lost: p = 0.0625

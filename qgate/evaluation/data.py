@@ -434,6 +434,21 @@ def materialize(source: str, params: dict | None = None, tokenizer=None) -> Data
     return DataFile(source, path, digest, n, description)
 
 
+def planned_samples(source: str | None, params: dict | None, limit: int | None) -> tuple[int | None, bool]:
+    """How many test samples a task will score, before any model loads: (n, exact). The source's test rows
+    (materialized if needed) capped by the limit; for the needle grid the full grid, an upper bound since
+    lengths past the model's context are dropped (exact False). (limit or None, False) for hub data."""
+    if source is None:
+        return limit, False
+    src = get_source(source)
+    if src.needs_tokenizer:  # the needle grid: lengths x depths x repetitions
+        p = check_params(source, params)
+        rows = len(p["lengths"]) * len(p["depths"]) * p["per_cell"]
+        return (min(rows, limit) if limit else rows), False
+    rows = materialize(source, params).n
+    return (min(rows, limit) if limit else rows), True
+
+
 def read_rows(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -341,6 +341,7 @@ class FastLM(HFLM):
     batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring.
     max_batch: most rows in one forward pass / decode step.
     decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
+    softmax_dtype (passed to HFLM): float32 unless given; HFLM's own default is the model's dtype.
     min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
     kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
@@ -351,6 +352,10 @@ class FastLM(HFLM):
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
                  kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, truncation: bool = False, **hflm_kwargs):
+        # log-probabilities in float32 whatever the model's dtype: in bf16 a document's summed loglikelihood
+        # is rounded to bf16's spacing (32 nats near -7000), which moves a perplexity by several percent and
+        # ties close multiple-choice answers. Stock HFLM does the same with softmax_dtype="float32".
+        hflm_kwargs.setdefault("softmax_dtype", "float32")
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=1,
                          max_length=max_length, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
                          truncation=truncation, **hflm_kwargs)

@@ -178,7 +178,7 @@ def policy_table(policy: Policy, suite: Any = None) -> str:
     specs = {t.name: t for t in getattr(suite, "tasks", [])}
     names = list(specs) or list(policy.tasks)
     names += [n for n in policy.tasks if n not in names]
-    header = ("task", "metric", "allowed drop", "confidence", "inconclusive", "blocking")
+    header = ("task", "metric", "allowed drop", "n", "detects drops of", "confidence", "inconclusive", "blocking")
     rows = [header]
     for name in names:
         tp = policy.task_policy(name)
@@ -188,16 +188,42 @@ def policy_table(policy: Policy, suite: Any = None) -> str:
         if spec is not None and metric == spec.metric:
             unit = " pts" if spec.per_sample == "binary" else (" (lower is better)" if not spec.higher_is_better else "")
         drop = (f"{tp.max_drop:g}{unit}" if tp.max_drop is not None else f"keep >= {tp.min_recovery:g} of baseline")
-        rows.append((name + ("" if name in policy.tasks else " (defaults)"), metric, drop,
+        n_text, detects = _resolution(spec, tp.confidence) if spec is not None else ("", "")
+        rows.append((name + ("" if name in policy.tasks else " (defaults)"), metric, drop, n_text, detects,
                      f"{tp.confidence:g}", tp.inconclusive, "yes" if tp.blocking else "advisory"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         f"policy {policy.family}  ({policy.path})  hash {policy.hash[:12]}",
         f"members:  {', '.join(m.name for m in policy.members) or '-'}",
-        f"suite:    {policy.suite}",
+        f"suite:    {suite.name if suite is not None else policy.suite}",
         f"formats:  {', '.join(f'{c.format} ({c.recipe_text})' for c in policy.formats) or '-'}",
         f"fallback: {' -> '.join(c.format for c in policy.fallback) or 'none'}",
         "",
     ]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    if suite is not None:
+        lines += ["", "detects drops of: the smallest drop that n paired samples can call significant at the task's",
+                  "confidence (exact McNemar), if every changed sample is lost / if 10% of samples change either",
+                  "way (quantized models typically change 3-12%); a fail also needs the drop beyond the allowed",
+                  "one. Continuous metrics are bootstrapped over documents: their resolution depends on the data."]
     return "\n".join(lines)
+
+
+def _resolution(spec: Any, confidence: float) -> tuple[str, str]:
+    """(n, "detects drops of" text) for a suite task: how finely its sample count can decide."""
+    from qgate.evaluation.data import planned_samples
+    from qgate.stats import detectable_drop
+
+    try:
+        n, exact = planned_samples(spec.source if spec.offline else None, spec.data_params, spec.limit)
+    except QgateError:
+        return "?", ""
+    if not n:
+        return "all", ""
+    n_text = f"{n}" if exact else f"<= {n}"
+    if spec.per_sample != "binary":
+        return n_text, "(bootstrap)"
+    floor, churned = detectable_drop(n, confidence), detectable_drop(n, confidence, churn=0.10)
+    if floor is None:
+        return n_text, "none"
+    return n_text, f"{100 * floor:.1f} / {100 * churned:.1f} pts" if churned else f"{100 * floor:.1f} pts"

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from qgate.canonical import content_hash
 from qgate.decide import Evidence, EvidenceSource, task_metric
-from qgate.keys import BASELINE, evaluation_key, quant_config_id, task_config
+from qgate.keys import BASELINE, evaluation_key, quant_config_id, task_config, task_runtime
 from qgate.policy import Policy, recipe_text
 from qgate.review.changes import suite_tasks
 
@@ -86,13 +86,17 @@ class StoredEvidence:
         row = self.store.evaluation(link["evaluation_id"]) if link else None
         if row is not None:
             runtime = dict(row.get("runtime") or {})
-            # the gate keys on device and dtype; the stored runtime also names the backend
-            for candidate in ({k: v for k, v in runtime.items() if k != "backend"}, runtime):
+            # the gate keys on device and dtype (qgate.keys.task_runtime); the stored runtime also names the
+            # backend, and runs from before task_runtime keyed on everything but the backend
+            plain = {k: v for k, v in runtime.items() if k not in ("backend", "logprobs")}
+            for candidate in (plain, {k: v for k, v in runtime.items() if k != "backend"}, runtime):
+                keyed = task_runtime(candidate, self.task_spec(row["task_config_id"])) if candidate is plain else candidate
                 if evaluation_key(row["checkpoint_id"], None, row["task_config_id"], row["qgate_version"],
-                                  candidate) == row["id"]:
+                                  keyed) == row["id"]:
                     run = self.store.run(run_id) or {}
                     ctx = {"checkpoint_id": row["checkpoint_id"], "qgate_version": row["qgate_version"],
-                           "runtime": candidate, "backend": runtime.get("backend") or run.get("backend"),
+                           "runtime": candidate, "per_task": candidate is plain,
+                           "backend": runtime.get("backend") or run.get("backend"),
                            "sample_limit": run.get("sample_limit")}
                     break
         self._context[(run_id, member)] = ctx
@@ -122,7 +126,8 @@ class StoredEvidence:
         if task_config_id is None:
             return None
         quant_id = self._quant_id(fmt, ctx["backend"])
-        key = evaluation_key(ctx["checkpoint_id"], quant_id, task_config_id, ctx["qgate_version"], ctx["runtime"])
+        runtime = task_runtime(ctx["runtime"], self.task_spec(task_config_id)) if ctx["per_task"] else ctx["runtime"]
+        key = evaluation_key(ctx["checkpoint_id"], quant_id, task_config_id, ctx["qgate_version"], runtime)
         row = self.store.evaluation(key)
         if row is None or row.get("status") != "completed":
             return None
