@@ -97,3 +97,18 @@ def test_format_records_and_formats_json_are_pinned():
         assert dicts[name] == digest, name
     assert content_hash({f"to_dict/{k}": v for k, v in dicts.items()}) == FORMAT_DICT_DIGEST
     assert content_hash(json.dumps([f.describe() for f in list_formats()], indent=2)) == FORMATS_JSON_DIGEST
+
+
+def test_loglikelihood_tasks_below_float32_are_keyed_on_float32_logprobs():
+    """Scores summed in bf16 (before FastLM computed log-probabilities in float32) are never reused;
+    generation tasks and float32 runs keep their keys."""
+    from qgate.keys import evaluation_key, task_runtime
+
+    gpu, cpu = {"device": "cuda", "dtype": "bfloat16"}, {"device": "cpu", "dtype": "float32"}
+    scored, generated = {"name": "mmlu"}, {"name": "humaneval", "generation": {"max_gen_toks": 96}}
+    assert task_runtime(gpu, scored) == {**gpu, "logprobs": "float32"}
+    assert task_runtime(gpu, generated) == gpu
+    assert task_runtime(cpu, scored) == cpu and task_runtime({**cpu, "backend": "reference"}, scored) == cpu
+    old = evaluation_key("ck", None, "tc", "0.1.0", gpu)
+    assert evaluation_key("ck", None, "tc", "0.1.0", task_runtime(gpu, scored)) != old
+    assert evaluation_key("ck", None, "tc", "0.1.0", task_runtime(gpu, generated)) == old
