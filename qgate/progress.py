@@ -210,11 +210,19 @@ class _HideRedraws:
 
 
 @contextlib.contextmanager
+def hidden_library_bars():
+    """For the duration of one call, other libraries' tqdm bars that take no switch (lm-eval's context
+    building, transformers' GGUF conversion) get a stream that drops their redraws."""
+    with contextlib.redirect_stderr(_HideRedraws(sys.stderr)):
+        yield
+
+
+@contextlib.contextmanager
 def library_bars_hidden(progress: Progress | None):
-    """While qgate shows a task's progress itself, lm-eval's own bars (context building, which takes no
-    switch) get a stream that drops their redraws; without qgate's progress nothing changes."""
+    """While qgate shows a task's progress itself, the libraries' own bars stay off the screen; without
+    qgate's progress nothing changes."""
     if progress is None or not progress.enabled:
         yield
         return
-    with contextlib.redirect_stderr(_HideRedraws(sys.stderr)):
+    with hidden_library_bars():
         yield
