@@ -166,7 +166,7 @@ def export_lm_eval(store, run_id: int, directory: str | Path) -> list[Path]:
                    .isoformat().replace(":", "-"))
         task_hashes = {task: _sha("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in lines))
                        for task, lines in task_files.items()}
-        begin, end = _timestamp(min(s for s in started if s) if any(started) else None), _timestamp(max(f for f in finished if f))
+        begin = _timestamp(min(s for s in started if s) if any(started) else None)
         results.update({
             "git_hash": run.get("git_revision"),
             "date": begin,
@@ -183,7 +183,6 @@ def export_lm_eval(store, run_id: int, directory: str | Path) -> list[Path]:
             "system_instruction": None, "system_instruction_sha": None,
             "fewshot_as_multiturn": False,
             "chat_template": None, "chat_template_sha": None,
-            "start_time": begin, "end_time": end,
             "total_evaluation_time_seconds": str(seconds),
         })
         folder.mkdir(parents=True, exist_ok=True)

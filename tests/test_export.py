@@ -147,8 +147,8 @@ def test_export_has_lm_evals_shapes_and_the_stored_numbers(gate_run, stock, tmp_
         for key in ("doc_id", "doc", "target", "arguments", "filter", "metrics", "doc_hash", "prompt_hash",
                     "target_hash", "acc"):
             assert ours[key] == theirs[key], key
-        assert [[float(x[0])] for x in ours["filtered_resps"]] == \
-            pytest.approx([[float(x[0])] for x in theirs["filtered_resps"]], abs=1e-4)
+        assert [float(x[0]) for x in ours["filtered_resps"]] == \
+            pytest.approx([float(x[0]) for x in theirs["filtered_resps"]], abs=1e-4)  # the logprobs
 
     # the numbers are the stored ones, for the baseline and the candidate
     with open_store(str(db)) as store:
@@ -168,3 +168,38 @@ def test_export_bad_input_is_one_line_exit_2(tmp_path):
                                    str(tmp_path / "none.db")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "no database there" in res.output
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "o").exists()
+
+
+def test_an_evaluation_stored_without_lm_evals_records_is_rebuilt_from_qgates_columns(tmp_path):
+    """A database written before qgate kept lm-eval's records still exports, with lm-eval's keys and the
+    stored numbers."""
+    from qgate.store import open_store
+
+    db = tmp_path / "old.db"
+    with open_store(str(db)) as store:
+        run = store.start_run(family="smollm2", formats=["nvfp4"], members=["m"], suite="smoke", suite_hash="s",
+                              policy_hash="p", policy_text="", policy_path="p.yaml",
+                              versions={"transformers": "5.24.0", "lm_eval": "0.4.13"}, host="h", pid=1,
+                              git_revision="abc", backend="reference", device="cpu", sample_limit=2)
+        store.put_checkpoint("ck", family="smollm2", member="m", source="/models/m.gguf")
+        store.put_task_config("tc", task="mmlu", config={})
+        rows = [{"doc_id": i, "doc_hash": f"h{i}", "prompt": f"Q{i}\nAnswer:", "output": "A", "target": t,
+                 "scores": {"acc": float(t == "A")}} for i, t in enumerate(["A", "B"])]
+        store.save_evaluation("e1", checkpoint_id="ck", quant_config_id=None, task_config_id="tc",
+                              qgate_version="x", task="mmlu", format="bf16",
+                              metrics={"acc": {"value": 0.5, "stderr": 0.5}}, primary_metric="acc",
+                              higher_is_better={"acc": True}, n=2, samples_rows=rows,
+                              extras={"lm_eval_task": "qgate_mmlu", "num_fewshot": 5, "limit": 2},
+                              started_at="2026-11-30T10:00:00.000+00:00",
+                              run_link=dict(run_id=run, member="m", format="bf16", role="baseline", task="mmlu"))
+        assert store.lm_eval_log("e1") is None
+    res = CliRunner().invoke(cli, ["export", "latest", "--lm-eval", str(tmp_path / "out"), "--db", str(db)])
+    assert res.exit_code == 0, res.output
+    results, lines = _files(tmp_path / "out" / "m__bf16")
+    assert results["results"]["qgate_mmlu"]["acc,none"] == 0.5 and results["n-shot"] == {"qgate_mmlu": 5}
+    assert results["git_hash"] == "abc" and results["config"]["limit"] == 2
+    assert [line["acc"] for line in lines] == [1.0, 0.0] and [line["doc_hash"] for line in lines] == ["h0", "h1"]
+    lm_eval_keys = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics",
+                    "doc_hash", "prompt_hash", "target_hash"}
+    assert all(set(line) == lm_eval_keys | {"acc"} for line in lines)
+    assert lines[0]["arguments"] == {"gen_args_0": {"arg_0": "Q0\nAnswer:"}}
