@@ -145,9 +145,10 @@ def export_lm_eval(store, run_id: int, directory: str | Path) -> list[Path]:
         extras = (first or {}).get("extras") or {}
         runtime = (first or {}).get("runtime") or {}
         checkpoint = store.checkpoint((first or {}).get("checkpoint_id")) or {}
-        seed = None
-        for cfg in results["configs"].values():
-            seed = seed if seed is not None else (cfg.get("fewshot_config") or {}).get("random_seed")
+        # the suite entry the evaluation ran (its seed and generation caps), as the store keyed it
+        spec = ((store.task_config((first or {}).get("task_config_id")) or {}).get("config") or {}).get("task") or {}
+        seed = spec.get("seed")
+        gen_kwargs = {**(spec.get("generation") or {}), "do_sample": False, "temperature": 0.0}  # always greedy
         results["config"] = {
             "model": model_name,
             "model_args": {"pretrained": checkpoint.get("source"), "revision": checkpoint.get("revision"),
@@ -159,7 +160,7 @@ def export_lm_eval(store, run_id: int, directory: str | Path) -> list[Path]:
             "use_cache": None,
             "limit": extras.get("limit"),
             "bootstrap_iters": 1000,
-            "gen_kwargs": None,
+            "gen_kwargs": gen_kwargs,
             "random_seed": seed, "numpy_seed": seed, "torch_seed": seed, "fewshot_seed": seed,
         }
         date_id = (_dt.datetime.fromisoformat(max(f for f in finished if f)).replace(tzinfo=None)
@@ -180,9 +181,10 @@ def export_lm_eval(store, run_id: int, directory: str | Path) -> list[Path]:
             "model_source": "qgate",
             "model_name": model_name,
             "model_name_sanitized": _sanitize_model_name(model_name),
-            "system_instruction": None, "system_instruction_sha": None,
-            "fewshot_as_multiturn": False,
-            "chat_template": None, "chat_template_sha": None,
+            "system_instruction": spec.get("system_instruction"),
+            "system_instruction_sha": _sha(spec["system_instruction"]) if spec.get("system_instruction") else None,
+            "fewshot_as_multiturn": bool(spec.get("fewshot_as_multiturn") and spec.get("chat_template")),
+            "chat_template": None, "chat_template_sha": None,  # the tokenizer's template is not stored
             "total_evaluation_time_seconds": str(seconds),
         })
         folder.mkdir(parents=True, exist_ok=True)
