@@ -19,7 +19,7 @@ from qgate.footprint import footprint, parse_bandwidth
 from qgate.formats import get_format, list_formats
 from qgate.gate import run_gate
 from qgate.policy import load_policy
-from qgate.progress import quiet_library_bars, use_bar
+from qgate.progress import Progress, use_bar
 from qgate.report.data import open_existing_store, resolve_run_id
 from qgate.report.render import render_run
 from qgate.review.changes import policy_table
@@ -44,8 +44,9 @@ class QgateGroup(click.Group):
 @click.version_option(__version__, prog_name="qgate")
 def cli():
     """Decide whether a quantized LLM checkpoint may ship."""
-    if not use_bar():  # plain lines (CI, logs): the libraries' own bars are silenced too
-        quiet_library_bars()
+    from qgate import noise
+
+    noise.install()  # known library chatter (torchao's CUDA extensions on a CPU machine...) stays off stderr
 
 
 @cli.command("formats")
@@ -100,6 +101,26 @@ def signoff_cmd(run, reviewer, approve, comment, override, output, db):
                f"{' (override)' if row['override'] else ''} at {row['created_at']}")
     click.echo(f"digest {row['digest']}")
     click.echo(str(path))
+
+
+@cli.command("export")
+@click.argument("run")
+@click.option("--lm-eval", "lm_eval_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write lm-eval's results JSON and per-sample JSONL into (one subfolder per model).")
+@click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the written files as JSON.")
+def export_cmd(run, lm_eval_dir, db, as_json):
+    """Write RUN's evaluations (baseline and every candidate) in the files `lm_eval --output_path DIR
+    --log_samples` writes, from the store alone; prints the paths."""
+    from qgate.export import export_lm_eval
+
+    with open_existing_store(db) as store:
+        files = export_lm_eval(store, resolve_run_id(store, run), lm_eval_dir)
+    if as_json:
+        click.echo(json.dumps({"files": [str(f) for f in files]}, indent=2))
+        return
+    for path in files:
+        click.echo(str(path))
 
 
 @cli.command("verify")
@@ -325,7 +346,7 @@ def bench_group():
 @click.option("--peers/--no-peers", default=True, help="Also time torchao and microxcaling where installed.")
 @click.option("--mx-path", default=None, type=click.Path(file_okay=False), help="Folder holding microxcaling's `mx` package.")
 @click.option("--model", is_flag=True, help="Add the whole-model figure (random Qwen2.5-7B-shaped weights on the GPU).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
+@click.option("--json-file", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
 def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
     """Fake-quantization kernels vs a device copy and peers on one CUDA GPU: GB/s, % of copy, speedups."""
     bench = _bench_module("kernels")
@@ -353,7 +374,7 @@ def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
 @click.option("--tokenizer", type=click.Choice(["model", "qwen"]), default="model", show_default=True)
 @click.option("--decode", type=click.Choice(["exact", "batched"]), default=None,
               help="FastLM's decoding (default: exact on the CPU, batched on a GPU).")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
+@click.option("--json-file", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
 def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, random_model, tokenizer, decode, json_path):
     """qgate's FastLM vs lm-eval's stock hf model (batch size 1) on the same requests: time, tokens/s, identity."""
     argv = ["--suite", suite, "--tasks", tasks, "--tokenizer", tokenizer]
@@ -380,9 +401,10 @@ def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, rando
 @click.option("--max-batch", type=int, default=None,
               help="At most N sequences per forward pass (default: the evaluation adapter's own, 32).")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--json", "as_json", is_flag=True, help="Print every task result (with all samples) as JSON on stdout.")
+@click.option("--json-file", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every task result (with all samples) to this JSON file.")
-def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_path):
+def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, as_json, json_path):
     """Evaluate a model (optionally fake-quantized) on a suite and print task, metric, value, stderr, n."""
 
     spec = load_suite(suite)
@@ -394,26 +416,31 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_p
             fmt = get_format(fmt).name
     from qgate.models import load
 
-    loaded = load(family, member, device=device)
-    click.echo(f"model: {loaded.spec.describe()} ({loaded.checkpoint_hash[:19]}), {loaded.device}, {loaded.dtype}",
-               err=True)
+    bar = Progress(total=len(selected), label="qgate")
+    loaded = load(family, member, device=device, progress=bar.bar)
+    bar.note(f"model: {loaded.spec.describe()} ({loaded.checkpoint_hash[:19]}), {loaded.device}, {loaded.dtype}")
     if fmt and fmt != "bf16":
         from qgate.quantize import quantize_model
 
-        quantize_model(loaded.model, fmt)
-        click.echo(f"fake-quantized into {fmt}", err=True)
+        quantize_model(loaded.model, fmt, progress=bar.bar)
+        bar.note(f"fake-quantized into {fmt}")
     lm = make_lm(loaded.model, loaded.tokenizer, max_batch=max_batch)
     results = []
-    for task in selected:
-        started = time.time()
-        results.append(evaluate_task(loaded.model, loaded.tokenizer, task, limit=limit, lm=lm))
-        r = results[-1]
-        click.echo(f"{task.name}: {r.primary_metric}={r.value if r.value is not None else float('nan'):.4f} "
-                   f"n={r.n} ({time.time() - started:.1f}s)", err=True)
+    with bar:
+        for task in selected:
+            started = time.time()
+            bar.show(f"{task.name}: evaluating")
+            results.append(evaluate_task(loaded.model, loaded.tokenizer, task, limit=limit, lm=lm, progress=bar))
+            r = results[-1]
+            bar.step(f"{task.name}: {r.primary_metric}={r.value if r.value is not None else float('nan'):.4f} "
+                     f"n={r.n} ({time.time() - started:.1f}s)")
+    payload = json.dumps([r.to_dict() for r in results], indent=1, allow_nan=False)
     if json_path:
-    
-        Path(json_path).write_text(json.dumps([r.to_dict() for r in results], indent=1, allow_nan=False))
-    print_results_table(results)
+        Path(json_path).write_text(payload)
+    if as_json:
+        click.echo(payload)
+    else:
+        print_results_table(results)
 
 
 def main():  # console-script entry point

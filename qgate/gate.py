@@ -243,7 +243,7 @@ class _Runner:
 
         self.loaded = None  # drop the previous model before loading the next (memory)
         started = time.perf_counter()
-        lm = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=True)
+        lm = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=self.bar.enabled and self.bar.bar)
         self.models_loaded += 1
         if lm.checkpoint_hash != m.checkpoint_id:
             raise QgateError(f"{m.name}: the checkpoint changed while the gate ran "
@@ -301,7 +301,8 @@ class _Runner:
         from qgate.evaluation.runner import evaluate_task
 
         started_at, started = utcnow(), time.perf_counter()
-        result = evaluate_task(lm.model, lm.tokenizer, task_spec, limit=effective_limit(task_spec, self.s.limit))
+        result = evaluate_task(lm.model, lm.tokenizer, task_spec, limit=effective_limit(task_spec, self.s.limit),
+                               progress=self.bar if self.bar.enabled else None)
         hib = result.higher_is_better
         if not isinstance(hib, dict):
             hib = {result.primary_metric: bool(hib)}
@@ -311,7 +312,7 @@ class _Runner:
             format=fmt, metrics=result.metrics, primary_metric=result.primary_metric, higher_is_better=hib,
             n=result.n, samples_rows=result.samples, data_source=getattr(result, "data_source", None),
             extras=getattr(result, "extras", None), runtime=dict(self.task_runtime(task_spec.name), backend=self.s.backend_name),
-            duration_s=time.perf_counter() - started, started_at=started_at,
+            duration_s=time.perf_counter() - started, started_at=started_at, lm_eval_log=result.lm_eval_log,
             run_link=dict(run_id=self.run_id, member=m.name, format=fmt, role=role, task=task_spec.name))
         if saved.inserted:
             self.evaluations_run += 1

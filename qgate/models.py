@@ -451,7 +451,10 @@ def cached_gguf_folder(path: str | os.PathLike, sha256: str | None = None, progr
         return target
     if progress:
         print(f"converting {path.name} once into {target} (later loads read the cache)", file=sys.stderr, flush=True)
-    with _transformers_bars(progress):
+    from qgate.progress import hidden_library_bars
+
+    # transformers draws its GGUF conversion bar with plain tqdm, which its progress switch does not reach
+    with _transformers_bars(progress), (contextlib.nullcontext() if progress else hidden_library_bars()):
         model, tokenizer = load_gguf_uncached(path, dtype=torch.float32)
     plain = _rebuild_plain(model)
     target.parent.mkdir(parents=True, exist_ok=True)

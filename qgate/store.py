@@ -191,6 +191,17 @@ outcomes = sa.Table(
     sa.Column("created_at", sa.String(40), nullable=False),
 )
 
+# added in schema version 3: what lm-eval itself logged for an evaluation, for `qgate export --lm-eval`:
+# the results-level entries (results, configs, versions, n-shot, ...) and every per-sample record with its
+# document left out (documents can be large; doc_hash identifies them) and the prompt, which the samples
+# table already holds, not repeated
+lm_eval_logs = sa.Table(
+    "lm_eval_logs", metadata,
+    sa.Column("evaluation_id", sa.String(128), sa.ForeignKey("evaluations.id"), primary_key=True),
+    sa.Column("results", _JSON, nullable=False),
+    sa.Column("samples", _JSON, nullable=False),
+)
+
 _V1_TABLES = [schema_version, checkpoints, quant_configs, task_configs, evaluations, samples, runs,
               run_evaluations, decisions, signoffs]
 
@@ -206,10 +217,15 @@ def _migrate_2_outcomes(conn: Connection) -> None:
     conn.execute(sa.text("CREATE INDEX ix_decisions_run ON decisions (run_id, batch)"))
 
 
+def _migrate_3_lm_eval_logs(conn: Connection) -> None:
+    lm_eval_logs.create(conn)
+
+
 # (version, what it does, step). Append only.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _migrate_1_initial),
     (2, "outcomes table; indexes on samples.doc_hash and decisions(run_id, batch)", _migrate_2_outcomes),
+    (3, "lm_eval_logs table: lm-eval's own results and per-sample records of an evaluation", _migrate_3_lm_eval_logs),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -351,11 +367,12 @@ class Store:
                         samples_rows: Sequence[dict], data_source: str | None = None,
                         extras: dict | None = None, runtime: dict | None = None,
                         duration_s: float | None = None, started_at: str | None = None,
-                        run_link: dict | None = None) -> SavedEvaluation:
+                        run_link: dict | None = None, lm_eval_log: dict | None = None) -> SavedEvaluation:
         """Write an evaluation and all its samples in ONE transaction (and link it to a run).
 
         If the key is already stored (another process got there first), nothing is rewritten.
         ``run_link``: {run_id, member, format, role, task} to record in run_evaluations.
+        ``lm_eval_log``: {results, samples} as lm-eval logged them (see ``lm_eval_logs``).
         """
         row = dict(id=key, checkpoint_id=checkpoint_id, quant_config_id=quant_config_id,
                    task_config_id=task_config_id, qgate_version=qgate_version, task=task, format=format,
@@ -372,6 +389,10 @@ class Store:
             if inserted:
                 for i in range(0, len(sample_rows), 500):
                     conn.execute(samples.insert(), sample_rows[i:i + 500])
+                if lm_eval_log is not None:
+                    conn.execute(lm_eval_logs.insert().values(
+                        evaluation_id=key, results=json_safe(lm_eval_log["results"]),
+                        samples=json_safe(lm_eval_log["samples"])))
             if run_link is not None:
                 self._link(conn, run_link["run_id"], key, run_link["member"], run_link["format"],
                            run_link["role"], run_link["task"], cached=not inserted)
@@ -382,6 +403,11 @@ class Store:
             rows = conn.execute(sa.select(samples).where(samples.c.evaluation_id == key)
                                 .order_by(samples.c.idx)).all()
         return [_row(r) for r in rows]
+
+    def lm_eval_log(self, key: str) -> dict | None:
+        """What lm-eval logged for an evaluation ({results, samples}); None for one stored before schema 3."""
+        with self.engine.begin() as conn:
+            return _row(conn.execute(sa.select(lm_eval_logs).where(lm_eval_logs.c.evaluation_id == key)).first())
 
     def count(self, table_name: str) -> int:
         table = metadata.tables[table_name]

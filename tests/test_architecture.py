@@ -102,6 +102,11 @@ FORBIDDEN = {
     "qgate.review": {"qgate.gate", "qgate.quantize", "qgate.models"},
     "qgate.report": {"qgate.gate", "qgate.review", "qgate.quantize"},
     "qgate.store": {"qgate.gate", "qgate.review", "qgate.decide", "qgate.report"},
+    # reads the store only: no model, no evaluation, no decision
+    "qgate.export": {"qgate.gate", "qgate.quantize", "qgate.models", "qgate.evaluation", "qgate.review",
+                     "qgate.decide"},
+    "qgate.progress": {"qgate.gate", "qgate.evaluation", "qgate.models", "qgate.quantize", "qgate.store"},
+    "qgate.noise": {"qgate.gate", "qgate.evaluation", "qgate.models", "qgate.quantize", "qgate.store"},
 }
 
 
@@ -123,6 +128,7 @@ COMMANDS_WITHOUT_A_MODEL = [
     ["verify", "{tmp}/r.html", "--db", "{db}"],
     ["signoff", "latest", "--reviewer", "r", "--approve", "--db", "{db}", "-o", "{tmp}/s.html"],
     ["policy", "redecide", "latest", "--policy", "policies/smollm2.yaml", "--db", "{db}"],
+    ["export", "latest", "--lm-eval", "{tmp}/lm-eval", "--db", "{db}"],
 ]
 
 

@@ -211,7 +211,7 @@ def test_old_database_is_migrated_and_newer_one_refused(store_url):
     s.close()
 
     s = open_store(store_url)  # a newer qgate opens the old file
-    assert s.version() == store_mod.SCHEMA_VERSION == 2
+    assert s.version() == store_mod.SCHEMA_VERSION == 3
     assert s.cached_keys(["old"]) == {"old"} and len(s.samples("old")) == 3
     s.record_decisions(run_id, policy_hash="p", decisions_rows=[],
                        outcomes_rows=[dict(member="m", format="nvfp4", outcome="ships", shipped_format="nvfp4")])

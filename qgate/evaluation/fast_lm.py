@@ -323,7 +323,11 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _progress(total: int, desc: str, disable: bool):
+def _progress(total: int, desc: str, disable: bool, report=None):
+    """Where a call's progress goes: ``report(desc, total)`` (qgate's own progress) when given, else a
+    tqdm bar of its own on a terminal."""
+    if report is not None:
+        return report(desc, total)
     from tqdm import tqdm
 
     from qgate.progress import use_bar
@@ -378,6 +382,9 @@ class FastLM(HFLM):
         self.decision_margin = float(decision_margin)
         self._softcap = _logit_softcap(self.model)
         self._instances = None  # the Instances of the loglikelihood call in progress (for choice groups)
+        # progress_report(desc, total) -> an object with update(n) and close(): where requests done are
+        # reported (qgate.progress.Progress.within); None: a tqdm bar on a terminal
+        self.progress_report = None
         # how often the slow, exact paths ran: loglikelihoods recomputed as HFLM does, decode steps whose
         # next token had several contenders, requests HFLM generated itself
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
@@ -388,7 +395,8 @@ class FastLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._instances = requests
         try:
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            # HFLM's tokenizing bar is redundant beside the scoring progress reported here
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress_report is not None)
         finally:
             self._instances = None
 
@@ -484,7 +492,7 @@ class FastLM(HFLM):
         results: list = [None] * len(requests)
         robust: list = [True] * len(requests)
         singles, groups = self._plan(list(units.values()))
-        bar = _progress(len(requests), "loglikelihood", disable_tqdm)
+        bar = _progress(len(requests), "loglikelihood", disable_tqdm, self.progress_report)
         with torch.no_grad():
             if groups:
                 self._run_groups(groups, results, robust, bar)
@@ -689,7 +697,7 @@ class FastLM(HFLM):
             for i, text in zip(fallback, HFLM.generate_until(self, [requests[i] for i in fallback], disable_tqdm=True)):
                 results[i] = text
         if rows:
-            bar = _progress(len(rows), "generate_until", disable_tqdm)
+            bar = _progress(len(rows), "generate_until", disable_tqdm, self.progress_report)
             with torch.no_grad():
                 for row in self._decode(rows, bar):
                     text = self._finish_text(row)

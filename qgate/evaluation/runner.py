@@ -42,6 +42,7 @@ class TaskResult:
     data_source: str
     extras: dict = field(default_factory=dict)
     per_sample: str = "binary"  # "binary" (pass/fail per sample) or "continuous"
+    lm_eval_log: dict | None = None  # lm-eval's own results and sample records (qgate.evaluation.lm_eval_log)
 
     @property
     def value(self) -> float | None:
@@ -118,8 +119,12 @@ def _docs_sha(doc_hashes: list[str]) -> str:
     return hashlib.sha256("\n".join(doc_hashes).encode()).hexdigest()
 
 
-def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm=None) -> TaskResult:
-    """Evaluate one task of a suite; `limit` (if given) overrides the suite's sample cap."""
+def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm=None, progress=None) -> TaskResult:
+    """Evaluate one task of a suite; `limit` (if given) overrides the suite's sample cap.
+
+    progress: a qgate.progress.Progress; the task's requests are reported to it as they are answered."""
+    from qgate.progress import library_bars_hidden
+
     started = time.time()
     lm = lm if lm is not None else make_lm(model, tokenizer)
     tokenizer = tokenizer if tokenizer is not None else getattr(lm, "tokenizer", None)
@@ -127,7 +132,7 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
     datafile = materialize_task_data(task, tokenizer, context_budget(task, int(lm.max_length)))
     metadata = {"data_file": str(datafile.path)} if datafile else {}
 
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), _reporting(lm, task, progress), library_bars_hidden(progress):
         tm = task_manager(task, metadata)
         if task.lm_eval_task not in tm.all_tasks:
             where = "qgate's task folders" + ("" if task.offline else " or lm-eval's registry")
@@ -135,7 +140,20 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
         gen_kwargs = {**(task.generation or {}), "do_sample": False, "temperature": 0.0}  # always greedy
         with _hub_data_errors(task):
             out = _simple_evaluate(lm, task, tm, effective_limit, gen_kwargs)
-    return _to_task_result(task, out, datafile, effective_limit, time.time() - started)
+    return _to_task_result(task, out, datafile, effective_limit, time.time() - started, lm=lm)
+
+
+@contextlib.contextmanager
+def _reporting(lm, task: TaskSpec, progress):
+    """Requests answered by qgate's adapter go to ``progress`` for the duration of one task."""
+    if progress is None or not hasattr(lm, "progress_report"):
+        yield
+        return
+    lm.progress_report = lambda desc, total: progress.within(f"{task.name} {desc}", total)
+    try:
+        yield
+    finally:
+        lm.progress_report = None
 
 
 @contextlib.contextmanager
@@ -152,24 +170,40 @@ def _hub_data_errors(task: TaskSpec):
 
 
 def _simple_evaluate(lm, task: TaskSpec, tm, limit, gen_kwargs):
-    import lm_eval
+    """What ``lm_eval.simple_evaluate`` does for one task and an initialized LM, through lm-eval's own
+    ``evaluate``: the same seeds, task loading, generation and few-shot overrides, the same results and
+    logged samples. It leaves out simple_evaluate's per-call environment report (``git describe``, which
+    prints "fatal: not a git repository" outside a checkout, and torch's collect_env, ~1.5 s per task):
+    qgate records versions and the git revision once per run."""
+    import random
 
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[task.lm_eval_task],
-        num_fewshot=task.num_fewshot,
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+
+    random.seed(task.seed)
+    np.random.seed(task.seed)
+    set_torch_seed(task.seed)
+    loaded = tm.load([task.lm_eval_task])
+    for task_obj in loaded["tasks"].values():
+        if task_obj.get_config("output_type") == "generate_until" and gen_kwargs:
+            task_obj.set_config(key="generation_kwargs", value=gen_kwargs, update=True)
+        if task.num_fewshot is not None:
+            if task_obj.get_config("num_fewshot") != 0:  # lm-eval never overrides a task's explicit 0
+                task_obj.set_config(key="num_fewshot", value=task.num_fewshot)
+        elif task_obj.get_config("num_fewshot") is None:
+            task_obj.set_config(key="num_fewshot", value=0)
+        task_obj.set_fewshot_seed(seed=task.seed)
+    return evaluate(
+        lm=lm,
+        task_dict=loaded,
         limit=limit,
-        gen_kwargs=gen_kwargs,
-        task_manager=tm,
+        bootstrap_iters=STDERR_BOOTSTRAP,
         log_samples=True,
+        system_instruction=task.system_instruction,
         apply_chat_template=task.chat_template,
         fewshot_as_multiturn=task.fewshot_as_multiturn and task.chat_template,
-        system_instruction=task.system_instruction,
-        random_seed=task.seed,
-        numpy_random_seed=task.seed,
-        torch_random_seed=task.seed,
-        fewshot_random_seed=task.seed,
-        bootstrap_iters=STDERR_BOOTSTRAP,
+        verbosity=None,
         confirm_run_unsafe_code=True,  # qgate's humaneval runs programs only in its sandbox
     )
 
@@ -234,8 +268,11 @@ def _number(v: Any) -> float | None:
     return None
 
 
-def _to_task_result(task: TaskSpec, out: dict, datafile, limit: int | None, wall_s: float) -> TaskResult:
+def _to_task_result(task: TaskSpec, out: dict, datafile, limit: int | None, wall_s: float,
+                    lm=None) -> TaskResult:
     import lm_eval
+
+    from qgate.evaluation import lm_eval_log
 
     results, logged = out["results"], out.get("samples") or {}
     if task.lm_eval_task not in results:
@@ -248,6 +285,8 @@ def _to_task_result(task: TaskSpec, out: dict, datafile, limit: int | None, wall
     name_of = _namer(filters)
 
     samples = _merge_samples(task, logged, leaf_tasks, name_of)
+    records = [lm_eval_log.compact_sample(r, leaf, i, s["prompt"], s["target"])
+               for i, s in enumerate(samples) for leaf, r in s.pop("_logged")]
     metrics: dict[str, dict] = {}
     for name, filt in _metric_keys(entry):
         stderr = entry.get(f"{name}_stderr,{filt}")
@@ -282,7 +321,7 @@ def _to_task_result(task: TaskSpec, out: dict, datafile, limit: int | None, wall
     return TaskResult(
         task=task.name, metrics=metrics, primary_metric=task.metric, higher_is_better=task.higher_is_better,
         n=len(samples), samples=samples, config_hash=config_hash, data_source=data_source, extras=extras,
-        per_sample=task.per_sample,
+        per_sample=task.per_sample, lm_eval_log=lm_eval_log.build(out, lm, records),
     )
 
 
@@ -295,8 +334,10 @@ def _merge_samples(task: TaskSpec, logged: dict, leaf_tasks: list[str], name_of)
             rec = merged.get(key)
             if rec is None:
                 rec = merged[key] = _base_sample(s)
+                rec["_logged"] = []  # lm-eval's own records of this document (one per filter)
                 if len(leaf_tasks) > 1:
                     rec["subtask"], rec["subtask_doc_id"] = leaf, s["doc_id"]
+            rec["_logged"].append((leaf, s))
             filtered = s.get("filtered_resps")
             if filtered and isinstance(filtered[0], str):  # what each filter made of the output
                 rec.setdefault("extracted", {})[s["filter"]] = filtered[0]
