@@ -13,6 +13,7 @@ Exit codes (``GateResult.exit_code``; also ``qgate run --help``):
   1  blocked: some member x format has no passing candidate nor fallback
   2  usage or input error (bad policy, unknown family/format/member...), raised as QgateError
   3  ships only through the fallback chain (e.g. "ship fp8 instead"); CI may treat it as pass or fail
+  4  internal error (qgate.crash): the run is recorded as failed, the traceback goes to a log file
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 from qgate import __version__
 from qgate.canonical import content_hash, json_safe
+from qgate.crash import EXIT_INTERNAL
 from qgate.decide import ChainOutcome, Evidence, TaskVerdict, walk_chain, worst_outcome
 from qgate.errors import QgateError
 from qgate.evaluation.suite import load_suite, suite_task_names
@@ -385,7 +387,8 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
             result = _run(setup, store, run_id, bar, log, started)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            store.finish_run(run_id, status=status, exit_code=EXIT_USAGE if isinstance(exc, QgateError) else None)
+            code = EXIT_USAGE if isinstance(exc, QgateError) else (None if status == "interrupted" else EXIT_INTERNAL)
+            store.finish_run(run_id, status=status, exit_code=code)
             raise
         finally:
             bar.close()
