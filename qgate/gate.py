@@ -39,7 +39,7 @@ from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, 
 from qgate.policy import MemberPolicy, load_policy
 from qgate.progress import Progress
 from qgate.report.render import render_run
-from qgate.store import open_store, redact_url, utcnow
+from qgate.store import NON_FINITE, open_store, redact_url, utcnow
 
 EXIT_SHIPS = 0
 EXIT_BLOCKED = 1
@@ -255,7 +255,7 @@ class _Runner:
         return lm
 
     def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
-        from qgate.quantize import quantize_model
+        from qgate.quantize import quantize_model, summary_sqnr
 
         choice = self.s.policy.format_choice(fmt)
         planned_id = self.quant_id(fmt)
@@ -269,10 +269,8 @@ class _Runner:
         self.store.put_quant_config(planned_id, format=fmt, recipe=choice.recipe, config=actual,
                                     stats=[t.to_dict() for t in result.tensors], summary=summary,
                                     log=result.log_lines())
-        sqnr = summary.get("sqnr_db")
         self.bar.note(f"quantized {m.name} to {fmt} ({choice.recipe if isinstance(choice.recipe, str) else 'inline'}"
-                      f" recipe): {summary.get('tensors')} tensors, SQNR "
-                      f"{f'{sqnr:.1f} dB' if sqnr is not None else 'inf'}, "
+                      f" recipe): {summary.get('tensors')} tensors, SQNR {summary_sqnr(summary)}, "
                       f"promoted {100 * summary.get('promoted_share', 0):.2f}% of blocks")
 
     # -- evaluations --
@@ -408,6 +406,7 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
     outcomes: list[ChainOutcome] = []
     for m in setup.members:
         base_keys = runner.ensure(m, BASELINE, "baseline")
+        _check_baseline_finite(store, m, base_keys)
         for fmt in setup.formats:
             runner.requested = fmt
             outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
@@ -428,6 +427,16 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
                       evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
                       models_loaded=runner.models_loaded, seconds=time.perf_counter() - started,
                       checkpoints=checkpoints, task_seconds=runner.seconds)
+
+
+def _check_baseline_finite(store, m: _MemberPlan, base_keys: dict[str, str]) -> None:
+    """A baseline with NaN/inf results is bad input (a broken checkpoint): no candidate can be judged against it."""
+    for task, key in base_keys.items():
+        row = store.evaluation(key) or {}
+        if row.get("status") == NON_FINITE:
+            metric = row.get("primary_metric") or "its metric"
+            raise QgateError(f"member {m.name} ({m.spec.location}): the baseline's {task} has non-finite {metric} "
+                             f"(NaN or inf); the checkpoint itself is broken, nothing to compare a candidate with")
 
 
 def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:

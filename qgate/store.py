@@ -28,10 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from qgate.canonical import canonical_json, json_safe
+from qgate.canonical import canonical_json, has_non_finite, json_safe
 from qgate.errors import QgateError
 
 DEFAULT_DB = "qgate.db"
+# An evaluation row is "completed" (finite numbers) or "non_finite" (some metric or sample score was NaN or
+# inf, stored as null): both are whole results a later run reuses; the decision fails the latter.
+NON_FINITE = "non_finite"
+STORED_STATUSES = ("completed", NON_FINITE)
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 
 metadata = sa.MetaData()
@@ -339,7 +343,7 @@ class Store:
             for i in range(0, len(keys), 500):
                 chunk = keys[i:i + 500]
                 found.update(conn.execute(sa.select(evaluations.c.id).where(
-                    evaluations.c.id.in_(chunk), evaluations.c.status == "completed")).scalars())
+                    evaluations.c.id.in_(chunk), evaluations.c.status.in_(STORED_STATUSES))).scalars())
         return found
 
     def evaluation(self, key: str) -> dict | None:
@@ -357,10 +361,14 @@ class Store:
         If the key is already stored (another process got there first), nothing is rewritten.
         ``run_link``: {run_id, member, format, role, task} to record in run_evaluations.
         """
+        # NaN/inf results are kept (as null, JSON has neither) under their own status, never as "completed"
+        non_finite = has_non_finite(metrics) or (primary_metric is not None and metrics.get(primary_metric) is None) \
+            or any(has_non_finite(s.get("scores")) for s in samples_rows)
         row = dict(id=key, checkpoint_id=checkpoint_id, quant_config_id=quant_config_id,
                    task_config_id=task_config_id, qgate_version=qgate_version, task=task, format=format,
                    metrics=json_safe(metrics), primary_metric=primary_metric,
-                   higher_is_better=json_safe(higher_is_better), n=int(n), status="completed",
+                   higher_is_better=json_safe(higher_is_better), n=int(n),
+                   status=NON_FINITE if non_finite else "completed",
                    data_source=data_source, extras=json_safe(extras or {}), runtime=json_safe(runtime or {}),
                    duration_s=duration_s, started_at=started_at, finished_at=utcnow())
         sample_rows = [dict(evaluation_id=key, idx=i, doc_id=str(s.get("doc_id", i)), doc_hash=s.get("doc_hash"),

@@ -147,6 +147,9 @@ def _summary_items(summary: dict) -> list[tuple[str, str]]:
     items = []
     for key, title in SUMMARY_KEYS.items():
         value = summary.get(key)
+        if key == "sqnr_db" and value is None and summary.get("non_finite_tensors"):
+            items.append((title, "NaN (non-finite weights)"))
+            continue
         if value is None:
             continue
         if "bytes" in key:
@@ -162,6 +165,8 @@ def _summary_items(summary: dict) -> list[tuple[str, str]]:
         else:
             text = fmt_num(value)
         items.append((title, text))
+    if summary.get("non_finite_tensors"):
+        items.append(("non-finite tensors", ", ".join(map(str, summary["non_finite_tensors"]))))
     untied = summary.get("untied")
     if untied:
         items.append(("untied", "; ".join(" / ".join(map(str, pair)) for pair in untied)))

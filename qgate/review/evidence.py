@@ -9,6 +9,7 @@ from qgate.decide import Evidence, EvidenceSource, task_metric
 from qgate.keys import BASELINE, evaluation_key, quant_config_id, task_config
 from qgate.policy import Policy, recipe_text
 from qgate.review.changes import suite_tasks
+from qgate.store import STORED_STATUSES
 
 
 class StoredEvidence:
@@ -124,7 +125,7 @@ class StoredEvidence:
         quant_id = self._quant_id(fmt, ctx["backend"])
         key = evaluation_key(ctx["checkpoint_id"], quant_id, task_config_id, ctx["qgate_version"], ctx["runtime"])
         row = self.store.evaluation(key)
-        if row is None or row.get("status") != "completed":
+        if row is None or row.get("status") not in STORED_STATUSES:
             return None
         return {**row, "evaluation_id": row["id"]}
 
