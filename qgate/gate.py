@@ -37,9 +37,10 @@ from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.formats import get_format
 from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config
 from qgate.policy import MemberPolicy, load_policy
+from qgate.preflight import check_recipes, check_suite_tasks
 from qgate.progress import Progress
 from qgate.report.render import render_run
-from qgate.store import NON_FINITE, open_store, redact_url, utcnow
+from qgate.store import NON_FINITE, check_location, open_store, redact_url, utcnow
 
 EXIT_SHIPS = 0
 EXIT_BLOCKED = 1
@@ -356,13 +357,16 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
     started = time.perf_counter()
+    check_location(db)  # a database that cannot be written is found before anything else is read
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype)
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
     n_tasks = len(setup.suite.tasks)
     bar = Progress(total=len(setup.members) * n_tasks * (1 + len(setup.formats)), label="qgate",
                    enabled=progress is not False)
+    check_suite_tasks(setup.suite)
     for m in setup.members:
         m.checkpoint_id, m.file_hash = checkpoint_identity(m.spec)
+    check_recipes(setup.policy, setup.formats, setup.members)
 
     store = open_store(db)
     host = socket.gethostname()
