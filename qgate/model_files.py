@@ -105,7 +105,7 @@ def check_gguf(path: str | os.PathLike) -> str:
         raise QgateError(f"{path}: truncated GGUF file (its header ends past the file's {size} bytes)") from None
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as exc:
         raise QgateError(f"{path}: malformed GGUF header ({exc})") from None
-    needed = data_start + max(extents, default=0)
+    needed = data_start + max(extents) if extents else 0
     if needed > size:
         raise QgateError(f"{path}: truncated GGUF file ({size} bytes; its tensors need {needed})")
     if arch is None:
