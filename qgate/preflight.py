@@ -21,6 +21,11 @@ def check_suite_tasks(suite) -> None:
     hub = next((t for t in tasks if not t.offline), None)
     with _quiet_lm_eval():
         known = set(task_manager(hub or tasks[0]).all_tasks)
+    from qgate.evaluation.humaneval import CODE_TASKS
+    from qgate.evaluation.sandbox import check_network_isolation
+
+    if any(t.lm_eval_task in CODE_TASKS for t in tasks):
+        check_network_isolation()  # model code needs a network namespace, or the user's explicit opt-in
     for t in tasks:
         if t.lm_eval_task not in known:
             where = "qgate's task folders" + ("" if t.offline else " or lm-eval's registry")
