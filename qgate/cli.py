@@ -18,6 +18,7 @@ from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.footprint import footprint, parse_bandwidth
 from qgate.formats import get_format, list_formats
+from qgate.offline import check_hub_data
 from qgate.gate import run_gate
 from qgate.policy import load_policy
 from qgate.progress import quiet_library_bars, use_bar
@@ -398,6 +399,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, json_p
     selected = [spec.task(n) for n in names]
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit: expected a positive integer, got {limit}")
+    check_hub_data(selected)  # offline and not cached: one line now, not minutes of retries after the model loads
     if fmt is not None:
             fmt = get_format(fmt).name
     from qgate.models import load

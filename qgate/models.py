@@ -310,6 +310,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def _offline() -> bool:
     from huggingface_hub import constants
 
+    from qgate.offline import hub_offline
+
+    if hub_offline():  # declared, or the hub does not answer: read the cache, never wait out retries
+        return True
+
     flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
 

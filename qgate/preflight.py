@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from qgate.errors import QgateError
+from qgate.offline import check_hub_data
 
 
 def check_suite_tasks(suite) -> None:
@@ -17,6 +18,7 @@ def check_suite_tasks(suite) -> None:
     tasks = list(suite.tasks)
     if not tasks:
         return
+    check_hub_data(tasks)
     # the registry is indexed only when some task needs it (hub data), as the evaluation itself does
     hub = next((t for t in tasks if not t.offline), None)
     with _quiet_lm_eval():
