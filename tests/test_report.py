@@ -289,6 +289,8 @@ def test_report_command_writes_the_file_and_prints_its_path(stored_run, tmp_path
     path = Path(result.output.strip())
     assert path == Path("reports") / f"smollm2-{run_id}.html" and path.is_file()
     assert path.read_text(encoding="utf-8") == render_html(collect(store, run_id))
+    assert path.stat().st_mode & 0o777 == 0o644  # a reviewer opens it; the database stays 0600
+    assert Path(db).stat().st_mode & 0o777 == 0o600
     out = tmp_path / "elsewhere" / "r.html"
     result = CliRunner().invoke(cli, ["report", str(run_id), "-o", str(out), "--db", db])
     assert result.exit_code == 0 and Path(result.output.strip()) == out and out.is_file()

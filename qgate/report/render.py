@@ -251,6 +251,9 @@ def default_report_path(family: str, run_id) -> Path:
     return Path("reports") / f"{safe}.html"
 
 
+REPORT_MODE = 0o644
+
+
 def render_run(store, run_id, path=None) -> Path:
     """Collect the run from the store, render it (with its sign-offs, if any) and write the file."""
     model = collect(store, run_id)
@@ -258,4 +261,7 @@ def render_run(store, run_id, path=None) -> Path:
         model["signed_payload"] = payload_if_signed(store, model["run"]["id"], content_sha256(render_html(model)),
                                                     model["signoffs"][-1]["digest"])
     target = Path(path) if path is not None else default_report_path(model["run"]["family"], model["run"]["id"])
-    return write_atomic(target, render_html(model))
+    # 0644, unlike the database (0600): a reviewer, possibly another account or the web server that
+    # serves CI artifacts, must open it; it holds only what the reviewer is meant to see (the database
+    # URL redacted), and code the sandbox runs gains nothing from it (it is written after every evaluation)
+    return write_atomic(target, render_html(model), mode=REPORT_MODE)
