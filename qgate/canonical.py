@@ -23,6 +23,22 @@ def json_safe(obj: Any) -> Any:
     return str(obj)
 
 
+def has_non_finite(obj: Any) -> bool:
+    """Somewhere in ``obj`` (nested dicts/lists) a float NaN or inf (what json_safe turns into None)."""
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, dict):
+        return any(has_non_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(has_non_finite(v) for v in obj)
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return has_non_finite(obj.item())
+        except (TypeError, ValueError):
+            return False
+    return False
+
+
 def canonical_json(obj: Any, *, safe: bool = True, ensure_ascii: bool = False) -> str:
     """Sorted keys, no spaces, UTF-8 text.
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import click
 
 from qgate import __version__
+from qgate.crash import EXIT_INTERNAL, one_line, write_crash_log
 from qgate.errors import QgateError, UsageError
 from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.footprint import footprint, parse_bandwidth
 from qgate.formats import get_format, list_formats
+from qgate.offline import check_hub_data
 from qgate.gate import run_gate
 from qgate.policy import load_policy
 from qgate.progress import Progress, use_bar
@@ -30,7 +32,8 @@ from qgate.summary import append_step_summary, console_text, junit_xml, markdown
 
 
 class QgateGroup(click.Group):
-    """Turns QgateError into one line on stderr and exit code 2, never a traceback."""
+    """Turns QgateError into one line on stderr and exit code 2, and any other exception into one line
+    naming a log file that holds its traceback, exit code 4: never a traceback on the terminal."""
 
     def invoke(self, ctx):
         try:
@@ -38,6 +41,15 @@ class QgateGroup(click.Group):
         except QgateError as exc:
             click.echo(f"qgate: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, reported as one line
+            try:
+                where = f"details in {write_crash_log(exc)}"
+            except OSError as log_exc:
+                where = f"no log written: {log_exc}"
+            click.echo(f"qgate: internal error: {one_line(exc)} ({where})", err=True)
+            ctx.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=QgateGroup)
@@ -142,6 +154,8 @@ Exit codes:
   2  usage or input error (malformed policy, unknown family/format/member...); nothing is written
   3  ships only through the policy's fallback chain (e.g. "ship fp8 instead");
      a CI job may count 3 as a pass or a fail
+  4  internal error: qgate itself failed (one line names the log file with the traceback);
+     the run is recorded as failed
 """
 
 
@@ -412,6 +426,7 @@ def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, as_jso
     selected = [spec.task(n) for n in names]
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit: expected a positive integer, got {limit}")
+    check_hub_data(selected)  # offline and not cached: one line now, not minutes of retries after the model loads
     if fmt is not None:
             fmt = get_format(fmt).name
     from qgate.models import load

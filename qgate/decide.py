@@ -19,6 +19,7 @@ What an inconclusive task does to the gate is the policy's ``inconclusive``: pas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -77,7 +78,7 @@ def gate_effect(decision: Decision, task_policy: TaskPolicy) -> str:
 def _score_value(scores: Mapping[str, Any], metric: str) -> Any:
     weight = CORPUS_WEIGHTS.get(metric)
     if weight and "loglikelihood" in scores and scores.get(weight):
-        return (float(scores["loglikelihood"]), float(scores[weight]))
+        return (scores["loglikelihood"], scores[weight])  # checked by is_finite_value before use
     if metric not in scores:
         raise KeyError(metric)
     return scores[metric]
@@ -94,6 +95,30 @@ def _aggregate_for(metric: str, pair: bool):
     if name == "perplexity":
         return stats.mean_exp_aggregate  # per-sample loglikelihoods, as lm-eval aggregates them
     return stats.mean_aggregate
+
+
+def is_finite_value(value: Any) -> bool:
+    """A per-sample value the statistics can use: a finite number or bool, or a pair of them.
+    NaN, inf, null (how the store keeps NaN) and anything else are not."""
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(is_finite_value(v) for v in value)
+    if isinstance(value, bool):
+        return True
+    try:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    except (TypeError, OverflowError):
+        return False
+
+
+def _non_finite_decision(task: str, metric: str, bad_base: int, bad_cand: int, n: int, conf: float,
+                         higher_is_better: bool, detail: str | None = None) -> Decision:
+    """The task fails: NaN/inf/null scores cannot be compared, and a model that produces them must not ship."""
+    sides = [f"{k} of {n} {side} samples" for k, side in ((bad_cand, "candidate"), (bad_base, "baseline")) if k]
+    where = detail or " and ".join(sides)
+    reason = f"{task}: non-finite {metric} (NaN, inf or null) in {where}: fail"
+    return Decision(task=task, metric=metric, verdict="fail", delta=None, ci_low=None, ci_high=None, p_value=None,
+                    n=n, threshold=None, reason=reason, samples_needed=None, confidence=conf,
+                    higher_is_better=higher_is_better, binary=False, unit="", method="non-finite values")
 
 
 def is_binary(values: Sequence[Any]) -> bool:
@@ -172,6 +197,10 @@ def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence
 
     base_vals = [p[0] for p in pairs]
     cand_vals = [p[1] for p in pairs]
+    bad_base = sum(not is_finite_value(v) for v in base_vals)
+    bad_cand = sum(not is_finite_value(v) for v in cand_vals)
+    if bad_base or bad_cand:
+        return _non_finite_decision(task, metric, bad_base, bad_cand, len(pairs), conf, higher_is_better)
     pair_valued = isinstance(base_vals[0], (list, tuple))
     if binary is None:
         binary = not pair_valued and is_binary(base_vals + cand_vals)
@@ -191,6 +220,10 @@ def decide_task(baseline_samples: Sequence[Mapping], candidate_samples: Sequence
         cmp = stats.compare_bootstrap(b, c, conf, **kwargs)
         scale, unit, method = 1.0, "", f"paired bootstrap over documents ({stats.BOOTSTRAP_RESAMPLES} resamples)"
 
+    if not all(math.isfinite(x) for x in (cmp.baseline, cmp.candidate, cmp.delta, cmp.ci_low, cmp.ci_high)):
+        # finite samples whose aggregate overflows (a perplexity of exp(1000)): as undecidable as NaN samples
+        return _non_finite_decision(task, metric, 0, 0, len(pairs), conf, higher_is_better,
+                                    detail=f"aggregate ({cmp.baseline:g} -> {cmp.candidate:g})")
     delta, low, high = cmp.delta * scale, cmp.ci_low * scale, cmp.ci_high * scale
     base_value = cmp.baseline * scale
     sign = 1.0 if higher_is_better else -1.0

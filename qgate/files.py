@@ -13,10 +13,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("QGATE_CACHE") or Path.home() / ".cache" / "qgate").expanduser()
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes, *, encoding: str = "utf-8") -> Path:
+def write_atomic(path: str | os.PathLike, content: str | bytes, *, encoding: str = "utf-8",
+                 mode: int | None = None) -> Path:
     """Write ``content`` (text or bytes) to ``path`` through a temporary file in the same folder and
     os.replace; the folder is created if needed. On failure the temporary file is removed and ``path``
-    is left as it was. Returns the path."""
+    is left as it was. The file is readable by its owner only unless ``mode`` says otherwise.
+    Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -27,6 +29,8 @@ def write_atomic(path: str | os.PathLike, content: str | bytes, *, encoding: str
         else:
             with os.fdopen(fd, "w", encoding=encoding) as handle:
                 handle.write(content)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ Exit codes (``GateResult.exit_code``; also ``qgate run --help``):
   1  blocked: some member x format has no passing candidate nor fallback
   2  usage or input error (bad policy, unknown family/format/member...), raised as QgateError
   3  ships only through the fallback chain (e.g. "ship fp8 instead"); CI may treat it as pass or fail
+  4  internal error (qgate.crash): the run is recorded as failed, the traceback goes to a log file
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ from typing import Any, Callable, Sequence
 
 from qgate import __version__
 from qgate.canonical import content_hash, json_safe
+from qgate.crash import EXIT_INTERNAL
 from qgate.decide import ChainOutcome, Evidence, TaskVerdict, walk_chain, worst_outcome
 from qgate.errors import QgateError
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.formats import get_format
 from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config, task_runtime
 from qgate.policy import MemberPolicy, load_policy
+from qgate.preflight import check_recipes, check_suite_tasks
 from qgate.progress import Progress
 from qgate.report.render import render_run
-from qgate.store import open_store, redact_url, utcnow
+from qgate.store import NON_FINITE, check_location, open_store, redact_url, utcnow
 
 EXIT_SHIPS = 0
 EXIT_BLOCKED = 1
@@ -256,7 +259,7 @@ class _Runner:
         return lm
 
     def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
-        from qgate.quantize import quantize_model
+        from qgate.quantize import quantize_model, summary_sqnr
 
         choice = self.s.policy.format_choice(fmt)
         planned_id = self.quant_id(fmt)
@@ -270,10 +273,8 @@ class _Runner:
         self.store.put_quant_config(planned_id, format=fmt, recipe=choice.recipe, config=actual,
                                     stats=[t.to_dict() for t in result.tensors], summary=summary,
                                     log=result.log_lines())
-        sqnr = summary.get("sqnr_db")
         self.bar.note(f"quantized {m.name} to {fmt} ({choice.recipe if isinstance(choice.recipe, str) else 'inline'}"
-                      f" recipe): {summary.get('tensors')} tensors, SQNR "
-                      f"{f'{sqnr:.1f} dB' if sqnr is not None else 'inf'}, "
+                      f" recipe): {summary.get('tensors')} tensors, SQNR {summary_sqnr(summary)}, "
                       f"promoted {100 * summary.get('promoted_share', 0):.2f}% of blocks")
 
     # -- evaluations --
@@ -360,13 +361,16 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
     started = time.perf_counter()
+    check_location(db)  # a database that cannot be written is found before anything else is read
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype)
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
     n_tasks = len(setup.suite.tasks)
     bar = Progress(total=len(setup.members) * n_tasks * (1 + len(setup.formats)), label="qgate",
                    enabled=progress is not False)
+    check_suite_tasks(setup.suite)
     for m in setup.members:
         m.checkpoint_id, m.file_hash = checkpoint_identity(m.spec)
+    check_recipes(setup.policy, setup.formats, setup.members)
 
     store = open_store(db)
     host = socket.gethostname()
@@ -389,7 +393,8 @@ def run_gate(family: str, formats: Sequence[str] | None = None, member: str | No
             result = _run(setup, store, run_id, bar, log, started)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            store.finish_run(run_id, status=status, exit_code=EXIT_USAGE if isinstance(exc, QgateError) else None)
+            code = EXIT_USAGE if isinstance(exc, QgateError) else (None if status == "interrupted" else EXIT_INTERNAL)
+            store.finish_run(run_id, status=status, exit_code=code)
             raise
         finally:
             bar.close()
@@ -409,6 +414,7 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
     outcomes: list[ChainOutcome] = []
     for m in setup.members:
         base_keys = runner.ensure(m, BASELINE, "baseline")
+        _check_baseline_finite(store, m, base_keys)
         for fmt in setup.formats:
             runner.requested = fmt
             outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
@@ -429,6 +435,16 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
                       evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
                       models_loaded=runner.models_loaded, seconds=time.perf_counter() - started,
                       checkpoints=checkpoints, task_seconds=runner.seconds)
+
+
+def _check_baseline_finite(store, m: _MemberPlan, base_keys: dict[str, str]) -> None:
+    """A baseline with NaN/inf results is bad input (a broken checkpoint): no candidate can be judged against it."""
+    for task, key in base_keys.items():
+        row = store.evaluation(key) or {}
+        if row.get("status") == NON_FINITE:
+            metric = row.get("primary_metric") or "its metric"
+            raise QgateError(f"member {m.name} ({m.spec.location}): the baseline's {task} has non-finite {metric} "
+                             f"(NaN or inf); the checkpoint itself is broken, nothing to compare a candidate with")
 
 
 def _render_report(store, run_id: int, enabled: bool, path, notes: list[str], log) -> str | None:

@@ -35,6 +35,7 @@ import torch
 from qgate.errors import QgateError
 from qgate.families import DEFAULT_FAMILY, Member, Part, get_family
 from qgate.files import cache_root, write_atomic
+from qgate.model_files import check_gguf, check_model_dir
 
 # --------------------------------------------------------------------------------------------
 # Resolving a member to a concrete checkpoint
@@ -309,6 +310,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def _offline() -> bool:
     from huggingface_hub import constants
 
+    from qgate.offline import hub_offline
+
+    if hub_offline():  # declared, or the hub does not answer: read the cache, never wait out retries
+        return True
+
     flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
 
@@ -484,10 +490,12 @@ def checkpoint_hash(spec: MemberSpec) -> str:
         gguf = Path(spec.location)
         if not gguf.is_file():
             raise QgateError(f"GGUF checkpoint {gguf} does not exist")
+        check_gguf(gguf)  # a file that is not a whole GGUF model fails here, before any conversion
         return f"sha256:{file_sha256(gguf)}"
     if spec.source == "dir":
         folder = Path(spec.location)
         _check_model_dir(folder)
+        check_model_dir(folder)
         return f"sha256:{directory_hash(folder)}"
     if spec.source == "hub":
         return f"git:{_hub_snapshot(spec).name}"  # snapshot folders are named by the commit sha

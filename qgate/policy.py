@@ -245,6 +245,7 @@ def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *
         raise origin(("suite",)).error(("suite",), f"expected a suite name, got {suite!r}")
     formats = _format_choices(data.get("formats") or {}, ("formats",), origin)
     fallback = _fallback(data.get("fallback", list(DEFAULT_FALLBACK)), origin)
+    _check_fallback_chain(fallback, formats, origin)
     defaults = _task_policy("*", data.get("defaults") or {}, ("defaults",), origin,
                             TaskPolicy(task="*", max_drop=1.0), require_threshold=True)
     tasks_raw = data.get("tasks") or {}
@@ -364,6 +365,22 @@ def _fallback(raw: Any, origin) -> tuple[FormatChoice, ...]:
         else:
             out.append(FormatChoice(_valid_format(item, d, p), DEFAULT_RECIPE))
     return tuple(out)
+
+
+def _check_fallback_chain(fallback: tuple[FormatChoice, ...], formats: tuple[FormatChoice, ...], origin) -> None:
+    """A chain tries each format once, and never the candidate it stands in for (that one was just tried)."""
+    path = ("fallback",)
+    seen: dict[str, int] = {}
+    for i, choice in enumerate(fallback):
+        if choice.format in seen:
+            raise origin(path + (i,)).error(path + (i,), f"{choice.format} is already entry {seen[choice.format]} "
+                                            f"of the fallback chain; list each format once")
+        seen[choice.format] = i
+    for choice in formats:
+        if choice.format in seen:
+            i = seen[choice.format]
+            raise origin(path + (i,)).error(path + (i,), f"{choice.format} is a candidate format of this policy; "
+                                            f"a candidate cannot be its own fallback")
 
 
 def _number(value: Any, doc: YamlDoc, path: tuple, what: str) -> float:

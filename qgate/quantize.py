@@ -54,7 +54,17 @@ class TensorStats:
         return d
 
 
+def summary_sqnr(summary: dict) -> str:
+    """A summary's aggregate SQNR as text: "31.20 dB", "inf" (nothing changed) or "NaN" (non-finite weights)."""
+    if summary.get("non_finite_tensors"):
+        return "NaN"
+    return f"{summary['sqnr_db']:.2f} dB" if summary.get("sqnr_db") is not None else "inf"
+
+
 def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): inf when nothing changed, NaN when the tensor holds NaN or inf."""
+    if math.isnan(signal) or math.isnan(noise) or math.isinf(signal) or math.isinf(noise):
+        return math.nan
     if noise <= 0.0:
         return math.inf
     if signal <= 0.0:
@@ -298,7 +308,8 @@ class QuantizationResult:
             "kept_tensors": len(self.kept),
             "quantized_params": sum(t.numel for t in self.tensors),
             "params": self.params,
-            "sqnr_db": sqnr if math.isfinite(sqnr) else None,
+            "sqnr_db": sqnr if math.isfinite(sqnr) else None,  # None: inf (nothing changed) or NaN, below
+            "non_finite_tensors": [t.name for t in self.tensors if math.isnan(t.sqnr_db)],
             "rel_mse": (noise / signal) if signal > 0 else 0.0,
             "blocks": blocks,
             "promoted_blocks": promoted,
@@ -320,7 +331,7 @@ class QuantizationResult:
         width = max([len(t.name) for t in self.tensors] + [10])
         lines = []
         for t in self.tensors:
-            sq = f"{t.sqnr_db:5.1f}" if math.isfinite(t.sqnr_db) else "  inf"
+            sq = f"{t.sqnr_db:5.1f}" if math.isfinite(t.sqnr_db) else ("  NaN" if math.isnan(t.sqnr_db) else "  inf")
             line = f"{t.name:<{width}}  {t.format:<11}  SQNR {sq} dB  promoted {t.promoted_blocks}/{t.blocks}"
             if t.also:
                 line += f"  (tied: {', '.join(t.also)})"
@@ -328,8 +339,11 @@ class QuantizationResult:
         for kept, split in self.untied:
             lines.append(f"untied {split} from {kept}: the recipe gives them different formats")
         s = self.summary()
-        sq = f"{s['sqnr_db']:.2f} dB" if s["sqnr_db"] is not None else "inf"
+        sq = summary_sqnr(s)
         lines.append(f"aggregate SQNR {sq} over {s['tensors']} tensors ({s['quantized_params']:,} values)")
+        if s["non_finite_tensors"]:
+            lines.append(f"non-finite (NaN/inf) values in {len(s['non_finite_tensors'])} tensor(s): "
+                         f"{', '.join(s['non_finite_tensors'][:5])}")
         lines.append(
             f"promoted {s['promoted_blocks']} of {s['blocks']} blocks ({100 * s['promoted_share']:.2f}%)"
         )

@@ -297,8 +297,13 @@ def samples_to_decide(delta: float, threshold: float, sd_pair: float, n: int, co
     Continuous metrics: normal approximation, CI half-width z * sd_pair / sqrt(n) (the bootstrap's
     interval and its p clear zero together to this approximation); with sd 0, one discordant pair in
     n is assumed, so the estimate stays finite and conservative.
-    None when the estimate sits on the threshold (up to rounding): no number of samples decides then.
+    None when the estimate sits on the threshold (up to rounding): no number of samples decides then,
+    and when any input is NaN or infinite (no sample size decides what cannot be compared).
     """
+    if not all(math.isfinite(float(x)) for x in (delta, threshold, sd_pair)):
+        return None
+    if table is not None and not all(math.isfinite(float(x)) for x in table):
+        return None
     if on_threshold(delta, threshold):
         return None
     z = z_value(confidence)

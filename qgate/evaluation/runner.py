@@ -20,7 +20,7 @@ from typing import Any, Callable
 from qgate import __version__
 from qgate.canonical import content_hash, json_safe
 from qgate.errors import QgateError
-from qgate.evaluation import data
+from qgate.evaluation import data, sandbox
 from qgate.evaluation.suite import Suite, TaskSpec
 from qgate.metrics import CORPUS_WEIGHTS
 
@@ -132,6 +132,7 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
     datafile = materialize_task_data(task, tokenizer, context_budget(task, int(lm.max_length)))
     metadata = {"data_file": str(datafile.path)} if datafile else {}
 
+    programs_before = sandbox.programs_run()
     with _quiet_lm_eval(), _reporting(lm, task, progress), library_bars_hidden(progress):
         tm = task_manager(task, metadata)
         if task.lm_eval_task not in tm.all_tasks:
@@ -140,7 +141,10 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
         gen_kwargs = {**(task.generation or {}), "do_sample": False, "temperature": 0.0}  # always greedy
         with _hub_data_errors(task):
             out = _simple_evaluate(lm, task, tm, effective_limit, gen_kwargs)
-    return _to_task_result(task, out, datafile, effective_limit, time.time() - started, lm=lm)
+    result = _to_task_result(task, out, datafile, effective_limit, time.time() - started, lm=lm)
+    if sandbox.programs_run() > programs_before:  # it ran model code: record how that code was contained
+        result.extras["sandbox"] = sandbox.isolation_report()
+    return result
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import os
 import random
@@ -53,6 +54,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -62,18 +64,27 @@ STATUSES = ("passed", "failed", "timeout", "killed", "error")
 
 # Linux constants (sched.h, sys/mount.h, linux/prctl.h)
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
 _MS_NOSUID = 2
 _MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_BIND = 4096
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 _PR_SET_NO_NEW_PRIVS = 38
 
 # Fresh uids come from a range no distribution hands out to users or system accounts.
 _UID_RANGE = (1_800_000_000, 1_900_000_000)
-# Directories any uid may write to: swept for the sandbox uid's leftovers after each run.
-_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# Directories any uid may write to: swept for the sandbox uid's leftovers after each run, and (with a
+# private mount namespace) each replaced by a folder of the run's own size-capped tmpfs.
+_WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
+# Set to 1 to run model code in a mode without a network namespace (only the in-process socket guard).
+ALLOW_NO_NETNS_ENV = "QGATE_SANDBOX_ALLOW_NETWORK"
+_PROGRAMS = [0]  # programs started in this process (see programs_run); a list so threads add under the lock
+_PROGRAMS_LOCK = threading.Lock()
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 _MIB = 1024 * 1024
 
@@ -83,13 +94,14 @@ def _load_libc():
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        unshare, mount, prctl = libc.unshare, libc.mount, libc.prctl
+        unshare, mount, prctl, fork = libc.unshare, libc.mount, libc.prctl, libc.fork
     except (OSError, AttributeError):
         return None
+    fork.argtypes, fork.restype = [], ctypes.c_int
     unshare.argtypes = [ctypes.c_int]
     mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    return unshare, mount, prctl
+    return unshare, mount, prctl, fork
 
 
 # Resolved once at import: the child (after fork) must not go through the dynamic loader.
@@ -156,6 +168,9 @@ class Isolation:
     user_namespace: bool = False
     python_version: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    ipc_namespace: bool = False  # SysV shm/msg/sem and POSIX message queues die with the program
+    pid_namespace: bool = False  # its own /proc: other processes (and their command lines) are invisible
+    private_dirs: tuple[str, ...] = ()  # world-writable folders replaced by the run's own tmpfs
 
     @property
     def unshare_flags(self) -> int:
@@ -166,16 +181,32 @@ class Isolation:
             flags |= _CLONE_NEWNS
         if self.user_namespace:
             flags |= _CLONE_NEWUSER
+        if self.ipc_namespace:
+            flags |= _CLONE_NEWIPC
+        if self.pid_namespace:
+            flags |= _CLONE_NEWPID
         return flags
+
+    @property
+    def mode(self) -> str:
+        """One word per boundary in force, e.g. "uid+net+mount+ipc+pid" (recorded with every result)."""
+        parts = [name for name, on in (("uid", self.separate_user), ("userns", self.user_namespace),
+                                       ("net", self.network_namespace), ("mount", self.private_workdir),
+                                       ("ipc", self.ipc_namespace), ("pid", self.pid_namespace)) if on]
+        return "+".join(parts) or "process-only"
 
     def describe(self) -> dict:
         return {
+            "mode": self.mode,
             "interpreter": self.interpreter,
             "python_version": self.python_version,
             "separate_user": self.separate_user,
             "network_namespace": self.network_namespace,
             "private_workdir": self.private_workdir,
             "user_namespace": self.user_namespace,
+            "ipc_namespace": self.ipc_namespace,
+            "pid_namespace": self.pid_namespace,
+            "private_dirs": list(self.private_dirs),
             "in_process_socket_guard": True,
             "notes": list(self.notes),
         }
@@ -193,6 +224,8 @@ class _ChildPlan:
     tmpfs_options: bytes
     uid: int | None
     limits: tuple[tuple[int, int, int], ...]
+    private_dirs: tuple[tuple[bytes, bytes], ...] = ()  # (folder in the work tmpfs, world-writable folder it covers)
+    new_pid: bool = False
 
 
 def run_untrusted(
@@ -219,7 +252,26 @@ def run_untrusted(
     for name, value in vars(limits).items():
         if not value > 0:
             raise QgateError(f"sandbox: {name}={value!r}; expected a positive number")
-    return _run(isolation(), source, stdin, limits)
+    mode = isolation()
+    check_network_isolation(mode)
+    with _PROGRAMS_LOCK:
+        _PROGRAMS[0] += 1
+    return _run(mode, source, stdin, limits)
+
+
+def check_network_isolation(mode: Isolation | None = None) -> None:
+    """Model code runs only where the network is cut by a namespace, unless the user opted in."""
+    mode = mode or isolation()
+    if not mode.network_namespace and os.environ.get(ALLOW_NO_NETNS_ENV) != "1":
+        raise QgateError(
+            f"the code sandbox has no network namespace on this machine (mode {mode.mode}): model-generated "
+            f"code could reach the network past the in-process guard; refusing to run it. Set "
+            f"{ALLOW_NO_NETNS_ENV}=1 to run it anyway (the mode is recorded with the results)")
+
+
+def programs_run() -> int:
+    """How many programs this process has handed to the sandbox (to tell whether a task executed code)."""
+    return _PROGRAMS[0]
 
 
 @dataclass(frozen=True)
@@ -271,6 +323,11 @@ def _run_in(run_root: str, mode: Isolation, uid: int | None, source: str, stdin,
         (resource.RLIMIT_CORE, 0, 0),
     )
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    private = ()
+    if mode.private_workdir:  # world-writable folders become folders of the work tmpfs: same size cap
+        # relative to the work dir (the child's cwd): once /tmp is covered, the work dir's path is hidden
+        private = tuple((os.fsencode(f".shared{i}"), os.fsencode(d))
+                        for i, d in enumerate(mode.private_dirs))
     plan = _ChildPlan(
         workdir=os.fsencode(workdir),
         program_path=os.fsencode(program),
@@ -280,6 +337,8 @@ def _run_in(run_root: str, mode: Isolation, uid: int | None, source: str, stdin,
         tmpfs_options=f"size={limits.max_dir_bytes},nr_inodes=4096,mode=0700{owner}".encode(),
         uid=uid,
         limits=rlimits,
+        private_dirs=private,
+        new_pid=mode.pid_namespace,
     )
     env = {"PATH": _CHILD_PATH, "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
     argv = [mode.interpreter, "-I", "-S", "-B", "-c", _BOOTSTRAP, "main.py"]
@@ -336,7 +395,7 @@ def _signal_name(number: int) -> str:
 def _enter_sandbox(plan: _ChildPlan) -> None:
     """Runs in the child between fork and exec: namespaces, limits, then drop privileges."""
     if plan.unshare_flags:
-        unshare, mount, _ = _LIBC
+        unshare, mount, _, fork = _LIBC
         if unshare(plan.unshare_flags) != 0:
             raise OSError(ctypes.get_errno(), "unshare")
         if plan.private_workdir:
@@ -350,7 +409,41 @@ def _enter_sandbox(plan: _ChildPlan) -> None:
             while view:
                 view = view[os.write(fd, view):]
             os.close(fd)
-    os.chdir(plan.workdir)
+            os.chdir(plan.workdir)  # before /tmp (which holds the work dir) is covered
+            for inside, shared in plan.private_dirs:
+                os.mkdir(inside, 0o1777)
+                os.chmod(inside, 0o1777)
+                if mount(inside, shared, None, _MS_BIND, None) != 0:
+                    raise OSError(ctypes.get_errno(), f"bind {shared!r}")
+            if plan.private_dirs and not os.path.exists(plan.program_path):
+                # the work dir sat in a folder now covered (/tmp): show it at its own path again, so that
+                # paths the program derives from its cwd (runpy's abspath, HOME, TMPDIR) resolve
+                os.makedirs(plan.workdir, 0o711, exist_ok=True)
+                if mount(b".", plan.workdir, None, _MS_BIND, None) != 0:
+                    raise OSError(ctypes.get_errno(), "bind the work dir")
+        if plan.new_pid:
+            # CLONE_NEWPID takes effect for children. This process stays outside and waits; its child is
+            # pid 1 of the new namespace (everything in it dies with pid 1), mounts the namespace's own
+            # /proc and waits in turn; the program runs as pid 2, where signals act as usual (pid 1 ignores
+            # those it has no handler for). How the program ended is passed back up through a pipe.
+            status_r, status_w = os.pipe()
+            pid = fork()
+            if pid < 0:
+                raise OSError(ctypes.get_errno(), "fork")
+            if pid > 0:
+                os.close(status_w)
+                _wait_outside(pid, status_r)
+            os.close(status_r)
+            if mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount /proc")
+            pid = fork()
+            if pid < 0:
+                raise OSError(ctypes.get_errno(), "fork")
+            if pid > 0:
+                _wait_as_init(pid, status_w)
+            os.close(status_w)
+    if not plan.private_workdir:
+        os.chdir(plan.workdir)
     os.umask(0o077)
     for which, soft, hard in plan.limits:
         resource.setrlimit(which, (soft, hard))
@@ -360,6 +453,65 @@ def _enter_sandbox(plan: _ChildPlan) -> None:
         os.setresuid(plan.uid, plan.uid, plan.uid)
     if _LIBC is not None:
         _LIBC[2](_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries grant nothing from here on
+
+
+def _close_fds_but(keep: int) -> None:
+    # the parent learns "exec done" when every copy of its status pipe is closed: only the program keeps one
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 16)
+
+
+def _wait_outside(pid: int, status_r: int) -> None:
+    """The process the parent started, outside the pid namespace: wait for the namespace's pid 1, then end
+    as the program ended (its exit status, or the signal that killed it). Never returns."""
+    try:
+        _close_fds_but(status_r)
+        status = _waitpid(pid)
+        sig = os.read(status_r, 1)
+        if sig:
+            _die_by(sig[0])
+        if os.WIFSIGNALED(status):
+            _die_by(os.WTERMSIG(status))
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    finally:
+        os._exit(1)
+
+
+def _wait_as_init(pid: int, status_w: int) -> None:
+    """pid 1 of the namespace: reap every process until the program ends; report a killing signal up the
+    pipe (pid 1 cannot die by its own signal), else exit with the program's status. Never returns."""
+    try:
+        _close_fds_but(status_w)
+        while True:
+            try:
+                done, status = os.wait()
+            except InterruptedError:
+                continue
+            if done == pid:
+                break
+        if os.WIFSIGNALED(status):
+            os.write(status_w, bytes([os.WTERMSIG(status)]))
+            os._exit(1)
+        os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+    finally:
+        os._exit(1)
+
+
+def _waitpid(pid: int) -> int:
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except InterruptedError:
+            continue
+
+
+def _die_by(sig: int) -> None:
+    try:  # SIGKILL has no handler to reset; off the main thread Python refuses to: both fine
+        signal.signal(sig, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
 
 
 def _nproc_limit(max_processes: int, uid: int | None) -> int:
@@ -538,8 +690,12 @@ def _candidate_modes() -> list[Isolation]:
     modes: list[Isolation] = []
     if os.geteuid() == 0:
         shared = [p for p in interpreters if _world_runnable(p)]
+        private = tuple(_world_writable_dirs()) if linux else ()
         for interp in shared:
             if linux:
+                modes.append(Isolation(interp, True, True, True, ipc_namespace=True, pid_namespace=True,
+                                       private_dirs=private))
+                modes.append(Isolation(interp, True, True, True, ipc_namespace=True))
                 modes.append(Isolation(interp, True, True, True))
                 modes.append(Isolation(interp, True, True, False))
             modes.append(Isolation(interp, True, False, False))
@@ -559,6 +715,35 @@ def _candidate_modes() -> list[Isolation]:
     return modes
 
 
+def _world_writable_dirs() -> list[str]:
+    """Folders any uid may write to: the usual ones and any other found within four levels of / (not
+    below /proc, /sys or /dev); a folder inside one already listed is covered with it."""
+    found = [d for d in _WORLD_WRITABLE_DIRS if os.path.isdir(d) and not os.path.islink(d)
+             and os.stat(d).st_mode & stat.S_IWOTH]
+
+    def walk(directory: str, depth: int) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                    continue
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            if mode & stat.S_IWOTH:
+                if entry.path not in found:
+                    found.append(entry.path)
+            elif depth > 1 and entry.path not in ("/proc", "/sys", "/dev"):
+                walk(entry.path, depth - 1)
+
+    walk("/", 4)
+    found = [d for d in found if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in found)]
+    return found
+
+
 _PROBE = "import os, sys; print(os.getuid(), '%d.%d.%d' % sys.version_info[:3])"
 
 
@@ -572,8 +757,7 @@ def isolation() -> Isolation:
         words = result.stdout.split()
         dropped = len(words) == 2 and words[0] != "0"
         if result.status == "passed" and len(words) == 2 and (dropped or not mode.separate_user):
-            return Isolation(mode.interpreter, mode.separate_user, mode.network_namespace,
-                             mode.private_workdir, mode.user_namespace, words[1], mode.notes)
+            return dataclasses.replace(mode, python_version=words[1])
         failures.append(f"{mode.describe()}: {result.stderr.strip()[-300:]}")
     raise RuntimeError("the code sandbox cannot run any program on this machine:\n" + "\n".join(failures))
 

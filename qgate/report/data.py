@@ -46,7 +46,7 @@ OUTCOME_TITLES = {
 def empty_model() -> dict:
     """A model with every key present, for callers that fill it piece by piece."""
     return {
-        "run": {}, "members": [], "results": [], "needle": [], "quantization": [],
+        "run": {}, "members": [], "results": [], "needle": [], "quantization": [], "sandboxes": [],
         "footprint": {"bandwidth": None, "bandwidth_label": "", "rows": []},
         "flips": [], "flip_counts": [], "history": [], "signoffs": [],
     }
@@ -94,6 +94,7 @@ def collect(store, run_id) -> dict:
     model["members"] = _members(store, run, links, store.outcomes(run["id"]))
     model["results"] = [_result(row) for row in decisions]
     model["needle"] = _needle(links, evaluations)
+    model["sandboxes"] = _sandboxes(links, evaluations)
     model["quantization"] = _quantization(store, links)
     model["footprint"] = _footprint(model["quantization"], links, store)
     model["flips"], model["flip_counts"] = _flips(store, links, decisions)
@@ -201,6 +202,19 @@ def _needle(links: list[dict], evaluations: dict) -> list[dict]:
         if candidate or baseline:
             out.append({"member": link["member"], "format": link["format"], "task": link["task"],
                         "baseline": baseline or {}, "candidate": candidate or {}})
+    return out
+
+
+def _sandboxes(links: list[dict], evaluations: dict) -> list[dict]:
+    """How model-generated code was contained, per evaluation that ran some (stored with the evaluation)."""
+    out = []
+    for link in links:
+        sandbox = ((evaluations.get(link["evaluation_id"]) or {}).get("extras") or {}).get("sandbox")
+        if isinstance(sandbox, dict):
+            out.append({"member": link["member"], "format": link["format"], "task": link["task"],
+                        "mode": sandbox.get("mode") or "unrecorded",
+                        "network_namespace": sandbox.get("network_namespace"),
+                        "notes": list(sandbox.get("notes") or [])})
     return out
 
 

@@ -147,6 +147,9 @@ def _summary_items(summary: dict) -> list[tuple[str, str]]:
     items = []
     for key, title in SUMMARY_KEYS.items():
         value = summary.get(key)
+        if key == "sqnr_db" and value is None and summary.get("non_finite_tensors"):
+            items.append((title, "NaN (non-finite weights)"))
+            continue
         if value is None:
             continue
         if "bytes" in key:
@@ -162,6 +165,8 @@ def _summary_items(summary: dict) -> list[tuple[str, str]]:
         else:
             text = fmt_num(value)
         items.append((title, text))
+    if summary.get("non_finite_tensors"):
+        items.append(("non-finite tensors", ", ".join(map(str, summary["non_finite_tensors"]))))
     untied = summary.get("untied")
     if untied:
         items.append(("untied", "; ".join(" / ".join(map(str, pair)) for pair in untied)))
@@ -246,6 +251,9 @@ def default_report_path(family: str, run_id) -> Path:
     return Path("reports") / f"{safe}.html"
 
 
+REPORT_MODE = 0o644
+
+
 def render_run(store, run_id, path=None) -> Path:
     """Collect the run from the store, render it (with its sign-offs, if any) and write the file."""
     model = collect(store, run_id)
@@ -253,4 +261,7 @@ def render_run(store, run_id, path=None) -> Path:
         model["signed_payload"] = payload_if_signed(store, model["run"]["id"], content_sha256(render_html(model)),
                                                     model["signoffs"][-1]["digest"])
     target = Path(path) if path is not None else default_report_path(model["run"]["family"], model["run"]["id"])
-    return write_atomic(target, render_html(model))
+    # 0644, unlike the database (0600): a reviewer, possibly another account or the web server that
+    # serves CI artifacts, must open it; it holds only what the reviewer is meant to see (the database
+    # URL redacted), and code the sandbox runs gains nothing from it (it is written after every evaluation)
+    return write_atomic(target, render_html(model), mode=REPORT_MODE)

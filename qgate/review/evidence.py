@@ -9,6 +9,7 @@ from qgate.decide import Evidence, EvidenceSource, task_metric
 from qgate.keys import BASELINE, evaluation_key, quant_config_id, task_config, task_runtime
 from qgate.policy import Policy, recipe_text
 from qgate.review.changes import suite_tasks
+from qgate.store import STORED_STATUSES
 
 
 class StoredEvidence:
@@ -129,7 +130,7 @@ class StoredEvidence:
         runtime = task_runtime(ctx["runtime"], self.task_spec(task_config_id)) if ctx["per_task"] else ctx["runtime"]
         key = evaluation_key(ctx["checkpoint_id"], quant_id, task_config_id, ctx["qgate_version"], runtime)
         row = self.store.evaluation(key)
-        if row is None or row.get("status") != "completed":
+        if row is None or row.get("status") not in STORED_STATUSES:
             return None
         return {**row, "evaluation_id": row["id"]}
 
