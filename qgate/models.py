@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
-from qgate.families import DEFAULT_FAMILY, Member, Part, get_family
+from qgate.families import DEFAULT_FAMILY, Family, Member, Part, get_family, is_hub_id
 from qgate.files import cache_root, write_atomic
 
 # --------------------------------------------------------------------------------------------
@@ -70,26 +70,63 @@ def _package_file(location: str) -> Path:
     return path
 
 
+def _local_spec(family: str, member: str, model_path: str | os.PathLike, description: str = "") -> MemberSpec:
+    """A local directory or .gguf file as a member's checkpoint."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return MemberSpec(family, member, "dir", str(path.resolve()), description=description)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return MemberSpec(family, member, "gguf", str(path.resolve()), description=description)
+    if path.is_file():
+        raise QgateError(
+            f"model path {path} is a file but not a .gguf file; give a model directory or a .gguf file"
+        )
+    raise QgateError(f"model path {path} does not exist; give a model directory or a .gguf file")
+
+
+def model_name(id_or_path: str) -> str:
+    """The member name a --model gets: the directory's or file's name, or the hub repository's, lower-cased."""
+    text = str(id_or_path).rstrip("/\\")
+    path = Path(text).expanduser()
+    name = path.stem if path.suffix.lower() == ".gguf" else path.name
+    return name.lower() or "model"
+
+
+def resolve_model(id_or_path: str, revision: str | None = None, family: str | None = None,
+                  member: str | None = None) -> MemberSpec:
+    """``--model``: a local directory, a .gguf file or a hub id (owner/name, with ``revision``)."""
+    text = str(id_or_path)
+    name = member or model_name(text)
+    family = family or name
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision:
+            raise QgateError(f"--revision {revision}: {text} is a local path; a revision applies to hub ids only")
+        return _local_spec(family, name, path)
+    if path.suffix.lower() == ".gguf" or text.startswith((".", "/", "~")) or not is_hub_id(text):
+        raise QgateError(f"--model {text}: no such directory or .gguf file, and not a hub id (owner/name)")
+    return MemberSpec(family, name, "hub", text, revision)
+
+
 def resolve_member(
-    family: str | None = None,
+    family: str | Family | None = None,
     member: str | None = None,
     model_path: str | os.PathLike | None = None,
     revision: str | None = None,
 ) -> MemberSpec:
-    """Name a checkpoint: the family's member, or `model_path` (a directory or a .gguf file) instead."""
-    fam = get_family(family or DEFAULT_FAMILY)
+    """Name a checkpoint: the family's member, or `model_path` (a directory or a .gguf file) instead.
+
+    family: a name (looked up in the policy files) or an already loaded Family (a policy's)."""
+    fam = family if isinstance(family, Family) else get_family(family or DEFAULT_FAMILY)
     info = fam.member(member)
     if model_path is not None:
-        path = Path(model_path).expanduser()
-        if path.is_dir():
-            return MemberSpec(fam.name, info.name, "dir", str(path.resolve()))
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            return MemberSpec(fam.name, info.name, "gguf", str(path.resolve()))
-        if path.is_file():
-            raise QgateError(
-                f"model path {path} is a file but not a .gguf file; give a model directory or a .gguf file"
-            )
-        raise QgateError(f"model path {path} does not exist; give a model directory or a .gguf file")
+        if not Path(model_path).expanduser().exists() and is_hub_id(str(model_path)):
+            return MemberSpec(fam.name, info.name, "hub", str(model_path), revision)
+        return _local_spec(fam.name, info.name, model_path)
+    if info.source == "path":
+        if revision:
+            raise QgateError(f"member {info.name} is a local path ({info.location}); it has no revision")
+        return _local_spec(fam.name, info.name, info.location, info.description)
     if info.source in ("package-gguf", "package-gguf-parts"):
         if revision:
             raise QgateError(f"member {info.name} is a file inside a package; it has no revision (got {revision!r})")
@@ -148,7 +185,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
     if not member.parts or not member.sha256 or member.size is None or any(not p.sha256 for p in member.parts):
         raise QgateError(
             f"member {member.name}: the sizes and sha256 of its parts and of the assembled file are not recorded "
-            f"in qgate/families.py yet; it cannot be checked, so it is not loaded"
+            f"in its family file yet; it cannot be checked, so it is not loaded"
         )
     target = assembled_path(member)
     if target.is_file():
@@ -194,7 +231,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
             raise QgateError(
                 f"member {member.name}: the assembled {member.location} has {size} bytes, sha256 "
                 f"{whole.hexdigest()}; expected {member.size} bytes, sha256 {member.sha256} (the recorded hashes "
-                f"in qgate/families.py disagree with each other)"
+                f"in its family file disagree with each other)"
             )
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the shared cache from other users
         os.replace(tmp, target)
@@ -313,6 +350,35 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
 
 
+HUB_PROBE_S = 3.0  # how long to wait for the hub's address and a TCP connection before reading the cache only
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within ``timeout`` seconds (name lookup included),
+    so that a machine without network reads the cache at once instead of waiting out the hub's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)  # a hanging name lookup is left behind, not waited for
+    worker.start()
+    worker.join(timeout)
+    return bool(ok)
+
+
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
 
 
@@ -322,21 +388,32 @@ def _hub_snapshot(spec: MemberSpec) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     rev = spec.revision or "main"
+    offline = _offline()
+    why = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline and not _hub_reachable():
+        offline, why = True, f"the hub ({_endpoint()}) is not reachable from here"
     how = (
         f"put it in the Hugging Face cache (`hf download {spec.location}"
         + (f" --revision {spec.revision}" if spec.revision else "")
-        + "` on a machine with access, HF_HOME pointing there) or pass a local copy with --model-path DIR"
+        + "` on a machine with access, HF_HOME pointing there) or pass a local copy with --model DIR"
     )
     try:
         path = snapshot_download(
-            spec.location, revision=spec.revision, allow_patterns=_HUB_PATTERNS, local_files_only=_offline()
+            spec.location, revision=spec.revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
         )
     except LocalEntryNotFoundError:
-        raise QgateError(f"checkpoint {spec.location}@{rev} is not available offline; {how}") from None
+        raise QgateError(f"checkpoint {spec.location}@{rev} is not in the local Hugging Face cache and {why}; "
+                         f"{how}") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QgateError(f"checkpoint {spec.location}@{rev} could not be fetched ({first}); {how}") from None
     return Path(path)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
 
 
 def _check_model_dir(directory: Path) -> None:

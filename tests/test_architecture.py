@@ -116,13 +116,13 @@ def test_stages_never_reach_back(module):
 
 COMMANDS_WITHOUT_A_MODEL = [
     ["formats"],
-    ["policy", "check", "policies/smollm2.yaml"],
+    ["policy", "check", "qgate/policies/smollm2.yaml"],
     ["policy", "show", "smollm2"],
-    ["policy", "diff", "policies/smollm2.yaml", "policies/smollm2.yaml", "--db", "{db}"],
+    ["policy", "diff", "qgate/policies/smollm2.yaml", "qgate/policies/smollm2.yaml", "--db", "{db}"],
     ["report", "latest", "--db", "{db}", "-o", "{tmp}/r.html"],
     ["verify", "{tmp}/r.html", "--db", "{db}"],
     ["signoff", "latest", "--reviewer", "r", "--approve", "--db", "{db}", "-o", "{tmp}/s.html"],
-    ["policy", "redecide", "latest", "--policy", "policies/smollm2.yaml", "--db", "{db}"],
+    ["policy", "redecide", "latest", "--policy", "qgate/policies/smollm2.yaml", "--db", "{db}"],
 ]
 
 

@@ -151,7 +151,7 @@ def test_hub_checkpoint_offline_names_it_and_how_to_provide_it(tmp_path, monkeyp
     with pytest.raises(QgateError) as info:
         models.load_member(spec, device="cpu")
     message = str(info.value)
-    assert "Qwen/Qwen2.5-72B-Instruct" in message and "--model-path" in message and "hf download" in message
+    assert "Qwen/Qwen2.5-72B-Instruct" in message and "--model" in message and "hf download" in message
 
 
 def test_unknown_dtype():
