@@ -102,6 +102,11 @@ FORBIDDEN = {
     "qgate.review": {"qgate.gate", "qgate.quantize", "qgate.models"},
     "qgate.report": {"qgate.gate", "qgate.review", "qgate.quantize"},
     "qgate.store": {"qgate.gate", "qgate.review", "qgate.decide", "qgate.report"},
+    # families are data: their parser reads files only, and never a model library or a later stage
+    "qgate.families": {"qgate.models", "qgate.policy", "qgate.evaluation", "qgate.store", "qgate.gate",
+                       "qgate.quantize", "qgate.decide"},
+    "qgate.datadirs": {"qgate.families", "qgate.policy", "qgate.evaluation", "qgate.models", "qgate.gate"},
+    "qgate.catalog": {"qgate.models", "qgate.quantize", "qgate.store", "qgate.gate", "qgate.evaluation.runner"},
 }
 
 
@@ -116,6 +121,10 @@ def test_stages_never_reach_back(module):
 
 COMMANDS_WITHOUT_A_MODEL = [
     ["formats"],
+    ["ls", "families"],
+    ["ls", "suites"],
+    ["ls", "tasks"],
+    ["ls", "formats", "--json"],
     ["policy", "check", "qgate/policies/smollm2.yaml"],
     ["policy", "show", "smollm2"],
     ["policy", "diff", "qgate/policies/smollm2.yaml", "qgate/policies/smollm2.yaml", "--db", "{db}"],

@@ -65,11 +65,22 @@ def test_family_file_merges_over_default(tmp_path):
     assert pol.format_choice("nvfp4").recipe == "uniform" and pol.format_choice("mxfp4").recipe == "uniform"
 
 
-def test_known_family_without_a_file_runs_under_default():
+def test_family_file_without_members_gates_its_first_model_under_default_thresholds():
     pol = load_policy("llama")
-    assert pol.family == "llama" and pol.path.endswith("default.yaml")
+    assert pol.family == "llama" and pol.path.endswith("llama.yaml")
     assert [m.name for m in pol.members] == ["llama-3.2-1b-instruct"]
     assert [c.format for c in pol.fallback] == ["fp8"]
+    assert pol.defaults == load_policy(REPO / "qgate" / "policies" / "default.yaml").defaults
+
+
+def test_family_registered_in_code_without_a_file_runs_under_default(monkeypatch):
+    from qgate import families
+
+    fam = families.Family("codefam", (families.Member("codefam-1b", "hub", "org/codefam-1b"),), "codefam-1b")
+    monkeypatch.setitem(families._FAMILIES, "codefam", fam)
+    pol = load_policy("codefam")
+    assert pol.family == "codefam" and pol.path.endswith("default.yaml")
+    assert [m.name for m in pol.members] == ["codefam-1b"]
 
 
 def test_hash_depends_on_content_not_formatting(tmp_path):
