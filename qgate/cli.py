@@ -418,6 +418,10 @@ def eval_cmd(family, model, revision, include_path, member, fmt, suite, limit, t
         raise QgateError(f"--limit: expected a positive integer, got {limit}")
     if fmt is not None:
         fmt = get_format(fmt).name
+    if model is not None:
+        from qgate.hub import check_model
+
+        check_model(model, revision)  # before torch loads: an uncached hub model offline fails at once
     from qgate.models import load, load_member, resolve_model
 
     if model is not None:

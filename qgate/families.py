@@ -248,27 +248,28 @@ def list_families() -> list[str]:
     for stem in datadirs.names("policies"):
         if stem == "default" or stem in names:
             continue
-        path = datadirs.find("policies", f"{stem}.yaml")
         try:
-            if path is not None and family_from_file(path) is not None:
-                names.append(stem)
+            get_family(stem)
+            names.append(stem)
         except QgateError:
             continue  # a malformed file is reported when it is used (or checked), not while listing
     return names
 
 
 def get_family(name: str) -> Family:
-    """The family ``name``: registered in code, else the ``models:`` of policies/<name>.yaml."""
+    """The family ``name``: registered in code, else the ``models:`` of the first policies/<name>.yaml that
+    has them (a user's ./policies/<name>.yaml that only changes thresholds keeps the built-in models)."""
     found = registered(name)
     if found is not None:
         return found
-    path = datadirs.find("policies", f"{name}.yaml")
-    if path is not None:
+    files = [d / f"{name}.yaml" for d in datadirs.search_dirs("policies") if (d / f"{name}.yaml").is_file()]
+    for path in files:
         fam = family_from_file(path)
         if fam is not None:
             return fam
-        raise QgateError(f"{path}: models: missing: the family file must say where each member's weights come "
-                         f"from (one of: {', '.join(SOURCES)})")
+    if files:
+        raise QgateError(f"{files[0]}: models: missing: the family file must say where each member's weights "
+                         f"come from (one of: {', '.join(SOURCES)})")
     known = list_families()
     raise QgateError(f"unknown model family {name!r}{did_you_mean(name, known)}; expected one of: {', '.join(known)}"
                      f" (or add policies/{name}.yaml with a models: section)")

@@ -114,6 +114,10 @@ def _resolve(family: str | None, formats: Sequence[str] | None, member: str | No
         raise QgateError("give --family NAME (policies/<name>.yaml) or --model ID_OR_PATH")
     if revision is not None and model is None:
         raise QgateError("--revision applies to --model (a hub id); a family member's revision is set in its policy")
+    if model is not None:  # first of all: an uncached hub model offline fails within seconds
+        from qgate.hub import check_model
+
+        check_model(model, revision)
     source = policy if policy is not None else family
     if source is None:  # --model alone: the default policy's thresholds
         source = datadirs.find("policies", "default.yaml")
@@ -132,6 +136,8 @@ def _resolve(family: str | None, formats: Sequence[str] | None, member: str | No
         if fmt.is_identity:
             raise QgateError(f"--format {name}: that is the unquantized baseline; give a quantized format")
         checked.append(fmt.name)
+
+    _check_hub_checkpoints(pol, member, model, revision)  # before torch loads: offline fails within seconds
 
     import torch
 
@@ -161,6 +167,22 @@ def _resolve(family: str | None, formats: Sequence[str] | None, member: str | No
     dt = resolve_dtype(dtype, dev)
     backend_obj = get_backend(backend, device=dev)
     return _Setup(pol, checked, members, suite_obj, limit, backend_obj.name, dev, dt)
+
+
+def _check_hub_checkpoints(pol, member: str | None, model: str | None, revision: str | None) -> None:
+    """Every hub checkpoint the run needs is in the local cache or reachable (qgate.hub), checked first."""
+    from qgate.hub import snapshot
+
+    if model is not None:
+        return  # checked first thing in _resolve
+    if pol.models is None:
+        return
+    for m in pol.members:
+        if (member is not None and m.name != member) or m.model is not None:
+            continue
+        info = pol.models.member(m.name)
+        if info.source == "hub":
+            snapshot(info.location, m.revision or info.revision)
 
 
 def checkpoint_identity(spec) -> tuple[str, str | None]:

@@ -343,77 +343,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise QgateError(f"unknown dtype {dtype!r}; expected one of: bf16, fp16, fp32") from None
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
-
-
-HUB_PROBE_S = 3.0  # how long to wait for the hub's address and a TCP connection before reading the cache only
-
-
-def _hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
-    """Whether the hub endpoint accepts a TCP connection within ``timeout`` seconds (name lookup included),
-    so that a machine without network reads the cache at once instead of waiting out the hub's retries."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    worker = threading.Thread(target=probe, daemon=True)  # a hanging name lookup is left behind, not waited for
-    worker.start()
-    worker.join(timeout)
-    return bool(ok)
-
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
-
-
 def _hub_snapshot(spec: MemberSpec) -> Path:
-    """The local snapshot folder of a hub checkpoint: from the HF cache, downloading only when online."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """The local snapshot folder of a hub checkpoint (qgate.hub: the HF cache, downloading only when online)."""
+    from qgate.hub import snapshot
 
-    rev = spec.revision or "main"
-    offline = _offline()
-    why = "HF_HUB_OFFLINE is set" if offline else None
-    if not offline and not _hub_reachable():
-        offline, why = True, f"the hub ({_endpoint()}) is not reachable from here"
-    how = (
-        f"put it in the Hugging Face cache (`hf download {spec.location}"
-        + (f" --revision {spec.revision}" if spec.revision else "")
-        + "` on a machine with access, HF_HOME pointing there) or pass a local copy with --model DIR"
-    )
-    try:
-        path = snapshot_download(
-            spec.location, revision=spec.revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
-        )
-    except LocalEntryNotFoundError:
-        raise QgateError(f"checkpoint {spec.location}@{rev} is not in the local Hugging Face cache and {why}; "
-                         f"{how}") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QgateError(f"checkpoint {spec.location}@{rev} could not be fetched ({first}); {how}") from None
-    return Path(path)
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
+    return snapshot(spec.location, spec.revision)
 
 
 def _check_model_dir(directory: Path) -> None:

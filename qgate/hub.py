@@ -1,0 +1,93 @@
+"""Hub checkpoints: the local snapshot of a Hugging Face repository, without waiting on a hub that is not there.
+
+Offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE), or when the hub endpoint does not accept a connection
+within a few seconds, only the local cache is read; a checkpoint that is not cached is then one line
+naming it and how to provide it. No model library is imported here, so a run fails fast, before torch
+loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qgate.errors import QgateError
+from qgate.families import is_hub_id
+
+def offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+HUB_PROBE_S = 3.0  # how long to wait for the hub's address and a TCP connection before reading the cache only
+
+
+def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether the hub endpoint accepts a TCP connection within ``timeout`` seconds (name lookup included),
+    so that a machine without network reads the cache at once instead of waiting out the hub's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)  # a hanging name lookup is left behind, not waited for
+    worker.start()
+    worker.join(timeout)
+    return bool(ok)
+
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
+
+
+def snapshot(repo: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of hub checkpoint ``repo``: from the HF cache, downloading only when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    rev = revision or "main"
+    offline = offline_mode()
+    why = "HF_HUB_OFFLINE is set" if offline else None
+    if not offline and not hub_reachable():
+        offline, why = True, f"the hub ({_endpoint()}) is not reachable from here"
+    how = (
+        f"put it in the Hugging Face cache (`hf download {repo}"
+        + (f" --revision {revision}" if revision else "")
+        + "` on a machine with access, HF_HOME pointing there) or pass a local copy with --model DIR"
+    )
+    try:
+        path = snapshot_download(
+            repo, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=offline
+        )
+    except LocalEntryNotFoundError:
+        raise QgateError(f"checkpoint {repo}@{rev} is not in the local Hugging Face cache and {why}; "
+                         f"{how}") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QgateError(f"checkpoint {repo}@{rev} could not be fetched ({first}); {how}") from None
+    return Path(path)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def check_model(id_or_path: str, revision: str | None = None) -> None:
+    """A --model that names a hub repository is in the local cache or reachable (QgateError otherwise)."""
+    if not Path(id_or_path).expanduser().exists() and is_hub_id(id_or_path):
+        snapshot(id_or_path, revision)
