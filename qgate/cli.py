@@ -17,16 +17,8 @@ from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table,
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.footprint import footprint, parse_bandwidth
 from qgate.formats import get_format, list_formats
-from qgate.gate import run_gate
 from qgate.policy import load_policy
 from qgate.progress import quiet_library_bars, use_bar
-from qgate.report.data import open_existing_store, resolve_run_id
-from qgate.report.render import render_run
-from qgate.review.changes import policy_table
-from qgate.review.output import review_markdown, review_text
-from qgate.review.redecide import diff, redecide
-from qgate.signoff import sign_off, verify_report
-from qgate.summary import append_step_summary, console_text, junit_xml, markdown
 
 
 class QgateGroup(click.Group):
@@ -92,6 +84,9 @@ def ls_cmd(kind, include_path, as_json):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def report_cmd(run, output, db):
     """Render the HTML sign-off report of RUN (a run number or 'latest') and print its path."""
+    from qgate.report.data import open_existing_store, resolve_run_id
+    from qgate.report.render import render_run
+
     with open_existing_store(db) as store:
         path = render_run(store, resolve_run_id(store, run), output)
     click.echo(str(path))
@@ -108,6 +103,9 @@ def report_cmd(run, output, db):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def signoff_cmd(run, reviewer, approve, comment, override, output, db):
     """Record a sign-off of RUN with the digest of what was approved, and re-render its report."""
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import sign_off
+
     if approve is None:
         raise UsageError("qgate signoff: give --approve or --reject")
     with open_existing_store(db) as store:
@@ -124,6 +122,9 @@ def signoff_cmd(run, reviewer, approve, comment, override, output, db):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def verify_cmd(report, db):
     """Check a signed REPORT.html against the database: exit 0 intact, 1 changed since sign-off, 2 bad input."""
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import verify_report
+
     with open_existing_store(db) as store:
         result = verify_report(store, report)
     for line in result.lines():
@@ -178,6 +179,13 @@ def run_cmd(family, model, revision, include_path, formats, member, suite, polic
     def _terminated(signum, frame):  # CI cancels with SIGTERM: record the run as interrupted, like Ctrl-C
         raise KeyboardInterrupt
 
+    if model is not None:
+        from qgate.hub import check_model
+
+        check_model(model, revision)  # an uncached hub model offline fails before the gate's modules load
+    from qgate.gate import run_gate
+    from qgate.summary import append_step_summary, console_text, junit_xml, markdown
+
     signal.signal(signal.SIGTERM, _terminated)
     try:
         result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
@@ -218,6 +226,8 @@ def policy_check_cmd(files):
 @click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
 def policy_show_cmd(family, policy_path, as_json):
     """Print FAMILY's thresholds per task of its suite as a table (for policy-file reviews)."""
+    from qgate.review.changes import policy_table
+
     policy = load_policy(policy_path or family, suite_tasks=suite_task_names)
     if as_json:
         click.echo(json.dumps(dict(policy.to_dict(), hash=policy.hash, path=policy.path), indent=2))
@@ -246,6 +256,10 @@ def policy_diff_cmd(old, new, db, as_json):
     """What changing policy OLD into NEW changes: settings in words, and stored decisions re-decided
     under NEW from stored per-sample results (no model is loaded). OLD and NEW are files or REV:path
     (read with git show, e.g. main:policies/smollm2.yaml). Markdown goes to $GITHUB_STEP_SUMMARY when set."""
+    from qgate.review.output import review_markdown, review_text
+    from qgate.review.redecide import diff
+    from qgate.summary import append_step_summary
+
     review = diff(old, new, db)
     click.echo(json.dumps(review.to_dict(), indent=2) if as_json else review_text(review))
     append_step_summary(review_markdown(review))
@@ -260,6 +274,8 @@ def policy_diff_cmd(old, new, db, as_json):
 def policy_redecide_cmd(run, policy_spec, db, as_json):
     """Decide stored RUN (a number or 'latest') again under another policy, from its stored samples, and
     record it as a new decision set; earlier sets stay and the report shows them as history."""
+    from qgate.review.redecide import redecide
+
     result = redecide(run, policy_spec, db)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text())
 
