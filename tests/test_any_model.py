@@ -205,21 +205,27 @@ def fake_hub_cache(root: Path, repo: str, commit: str, model_dir: Path) -> Path:
     return cache
 
 
-def test_eval_with_model_forms_directory_hub_id_and_revision(tmp_path):
+def test_eval_with_model_forms_directory_hub_id_and_revision(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
     model_dir = tiny_model(tmp_path / "tiny")
     folder = task_folder(tmp_path)
     commit = "0123456789abcdef0123456789abcdef01234567"
     cache = fake_hub_cache(tmp_path, "tiny-org/tiny-model", commit, model_dir)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))  # in process: the cache the hub client reads
+    monkeypatch.chdir(tmp_path)
     values = {}
     for form in ([model_dir], ["tiny-org/tiny-model"], ["tiny-org/tiny-model", "--revision", commit]):
         out = tmp_path / "out.json"
-        done = qgate("eval", "--model", *form, "--tasks", "tiny_choice", "--include-path", folder, "--json", out,
-                     cwd=tmp_path, env={"HF_HUB_CACHE": str(cache)})
-        assert done.returncode == 0, done.stderr
+        done = CliRunner().invoke(cli, ["eval", "--model", *map(str, form), "--tasks", "tiny_choice",
+                                        "--include-path", str(folder), "--json", str(out)])
+        assert done.exit_code == 0, done.output
         (result,) = json.loads(out.read_text())
         assert result["task"] == "tiny_choice" and result["n"] == 3 and result["primary_metric"] == "acc"
         values[tuple(map(str, form))] = result["metrics"]["acc"]["value"]
         assert "tiny_choice" in done.stdout
+        hub = form != [model_dir]
+        assert (f"(hub: tiny-org/tiny-model" in done.stderr and f"(git:{commit[:15]}" in done.stderr) == hub, done.stderr
     assert len(set(values.values())) == 1  # the same weights, however named
 
 
