@@ -122,17 +122,22 @@ def family_file(root: Path, model_dir: Path) -> Path:
     return path
 
 
-def test_a_new_family_file_gates_a_local_model_end_to_end(tmp_path):
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_a_new_family_file_gates_a_local_model_end_to_end(tmp_path, monkeypatch):
     model_dir = tiny_model(tmp_path / "tiny-a")
     task_folder(tmp_path)
     (tmp_path / "mine.yaml").write_text(SUITE_YAML)
     policy = family_file(tmp_path, model_dir)
     db = tmp_path / "q.db"
-    checked = qgate("policy", "check", policy, cwd=tmp_path)
-    assert checked.returncode == 0 and "tinyfam: 1 member(s)" in checked.stdout, checked.stderr
-    done = qgate("run", "--family", "tinyfam", "--policy", policy, "--limit", "1", "--db", db, "--json",
-                 "--no-report", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.chdir(tmp_path)
+    checked = invoke("policy", "check", policy)
+    assert checked.exit_code == 0 and "tinyfam: 1 member(s)" in checked.stdout, checked.output
+    done = invoke("run", "--family", "tinyfam", "--policy", policy, "--limit", "1", "--db", db, "--json",
+                  "--no-report")
+    assert done.exit_code == 0, done.output
     result = json.loads(done.stdout)
     assert result["family"] == "tinyfam" and result["outcome"] == "ships"
     assert [c["member"] for c in result["checkpoints"]] == ["tiny-a"]
@@ -148,7 +153,7 @@ def test_a_new_family_file_gates_a_local_model_end_to_end(tmp_path):
     ("  tiny-a: {path: tiny-a}\n", "  tiny-a: {path: tiny-a, hub: org/tiny}\n"),
     ("  tiny-a: {path: tiny-a}\n", "  tiny-a: {parts: {file: a.gguf, size: 3, sha256: xyz, packages: []}}\n"),
 ])
-def test_a_bad_family_file_is_rejected_alike_by_policy_check_and_run(tmp_path, change, where):
+def test_a_bad_family_file_is_rejected_alike_by_policy_check_and_run(tmp_path, monkeypatch, change, where):
     model_dir = tiny_model(tmp_path / "tiny-a")
     (tmp_path / "mine.yaml").write_text(SUITE_YAML)
     task_folder(tmp_path)
@@ -156,7 +161,7 @@ def test_a_bad_family_file_is_rejected_alike_by_policy_check_and_run(tmp_path, c
     policy.write_text(policy.read_text().replace(change, where))
     db = tmp_path / "never.db"
     runner = CliRunner()
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     checked = runner.invoke(cli, ["policy", "check", str(policy)])
     ran = runner.invoke(cli, ["run", "--family", "tinyfam", "--policy", str(policy), "--limit", "1", "--db", str(db)])
     assert checked.exit_code == ran.exit_code == 2, (checked.output, ran.output)
@@ -177,14 +182,15 @@ def test_a_family_without_models_is_one_line_naming_the_file(tmp_path):
 # --- --model ------------------------------------------------------------------------------------------
 
 
-def test_run_with_model_directory_and_no_family_uses_the_default_policy(tmp_path):
+def test_run_with_model_directory_and_no_family_uses_the_default_policy(tmp_path, monkeypatch):
     model_dir = tiny_model(tmp_path / "My-Tiny")
     task_folder(tmp_path)
     (tmp_path / "mine.yaml").write_text(SUITE_YAML)
     db = tmp_path / "q.db"
-    done = qgate("run", "--model", model_dir, "--format", "mxfp8_e4m3", "--suite", "mine.yaml", "--limit", "1",
-                 "--db", db, "--json", "--no-report", cwd=tmp_path)
-    assert done.returncode in (0, 1, 3), done.stderr
+    monkeypatch.chdir(tmp_path)
+    done = invoke("run", "--model", model_dir, "--format", "mxfp8_e4m3", "--suite", "mine.yaml", "--limit", "1",
+                  "--db", db, "--json", "--no-report")
+    assert done.exit_code in (0, 1, 3), done.output
     result = json.loads(done.stdout)
     assert result["family"] == "my-tiny" and result["policy"].endswith("default.yaml")
     assert result["checkpoints"][0]["member"] == "my-tiny"
