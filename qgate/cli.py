@@ -14,7 +14,7 @@ import click
 from qgate import __version__
 from qgate.crash import EXIT_INTERNAL, one_line, write_crash_log
 from qgate.errors import QgateError, UsageError
-from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
+from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table, select_tasks
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.footprint import footprint, parse_bandwidth
 from qgate.formats import get_format, list_formats
@@ -81,6 +81,23 @@ def formats_cmd(as_json):
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
+@cli.command("ls")
+@click.argument("kind", type=click.Choice(["families", "suites", "tasks", "formats"]))
+@click.option("--include-path", "include_path", default=None, type=click.Path(file_okay=False),
+              help="tasks: also list the lm-eval tasks of this folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON on stdout.")
+def ls_cmd(kind, include_path, as_json):
+    """List what qgate knows by name: families (and where their weights come from), suites, tasks, formats."""
+    from qgate.catalog import listing, table
+
+    rows = listing(kind, include_path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for line in table(kind, rows):
+        click.echo(line)
+
+
 @cli.command("report")
 @click.argument("run")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None,
@@ -88,6 +105,9 @@ def formats_cmd(as_json):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def report_cmd(run, output, db):
     """Render the HTML sign-off report of RUN (a run number or 'latest') and print its path."""
+    from qgate.report.data import open_existing_store, resolve_run_id
+    from qgate.report.render import render_run
+
     with open_existing_store(db) as store:
         path = render_run(store, resolve_run_id(store, run), output)
     click.echo(str(path))
@@ -104,6 +124,9 @@ def report_cmd(run, output, db):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def signoff_cmd(run, reviewer, approve, comment, override, output, db):
     """Record a sign-off of RUN with the digest of what was approved, and re-render its report."""
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import sign_off
+
     if approve is None:
         raise UsageError("qgate signoff: give --approve or --reject")
     with open_existing_store(db) as store:
@@ -140,6 +163,9 @@ def export_cmd(run, lm_eval_dir, db, as_json):
 @click.option("--db", default=None, help="Database URL or SQLite path (default: $QGATE_DB or ./qgate.db).")
 def verify_cmd(report, db):
     """Check a signed REPORT.html against the database: exit 0 intact, 1 changed since sign-off, 2 bad input."""
+    from qgate.report.data import open_existing_store
+    from qgate.signoff import verify_report
+
     with open_existing_store(db) as store:
         result = verify_report(store, report)
     for line in result.lines():
@@ -159,8 +185,16 @@ Exit codes:
 """
 
 
+MODEL_HELP = ("A model instead of a family's members: a hub id (owner/name, with --revision), a model directory "
+              "or a .gguf file. --family is then optional.")
+
+
 @cli.command("run", epilog=RUN_EXIT_CODES)
-@click.option("--family", required=True, help="Model family (policies/<family>.yaml).")
+@click.option("--family", default=None, help="Model family (policies/<family>.yaml); optional with --model.")
+@click.option("--model", "model", default=None, metavar="ID_OR_PATH", help=MODEL_HELP)
+@click.option("--revision", default=None, help="Hub revision of --model (branch, tag or commit).")
+@click.option("--include-path", "include_path", default=None, type=click.Path(file_okay=False),
+              help="A folder of your own lm-eval task YAML files (suite tasks may name them).")
 @click.option("--format", "formats", multiple=True,
               help="Candidate format (repeatable; default: the policy's candidate formats).")
 @click.option("--member", default=None, help="Gate only this member of the family.")
@@ -177,8 +211,8 @@ Exit codes:
 @click.option("--report/--no-report", default=True, help="Render the HTML report at the end (default: on).")
 @click.option("-o", "--output", "report_output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the HTML report (default: reports/<family>-<run>.html).")
-def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, device, as_json, junit, report,
-            report_output):
+def run_cmd(family, model, revision, include_path, formats, member, suite, policy_path, db, backend, limit, device,
+            as_json, junit, report, report_output):
     """Quantize, evaluate baseline and candidates, apply the policy, record and report the decision.
 
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
@@ -188,10 +222,18 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     def _terminated(signum, frame):  # CI cancels with SIGTERM: record the run as interrupted, like Ctrl-C
         raise KeyboardInterrupt
 
+    if model is not None:
+        from qgate.hub import check_model
+
+        check_model(model, revision)  # an uncached hub model offline fails before the gate's modules load
+    from qgate.gate import run_gate
+    from qgate.summary import append_step_summary, console_text, junit_xml, markdown
+
     signal.signal(signal.SIGTERM, _terminated)
     try:
         result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
-                          backend=backend, limit=limit, device=device, report=report, report_path=report_output)
+                          backend=backend, limit=limit, device=device, report=report, report_path=report_output,
+                          model=model, revision=revision, include_path=include_path)
     except KeyboardInterrupt:
         click.echo("qgate: interrupted; the evaluations stored so far are reused by the next run", err=True)
         sys.exit(130)
@@ -260,6 +302,10 @@ def policy_diff_cmd(old, new, db, as_json):
     """What changing policy OLD into NEW changes: settings in words, and stored decisions re-decided
     under NEW from stored per-sample results (no model is loaded). OLD and NEW are files or REV:path
     (read with git show, e.g. main:policies/smollm2.yaml). Markdown goes to $GITHUB_STEP_SUMMARY when set."""
+    from qgate.review.output import review_markdown, review_text
+    from qgate.review.redecide import diff
+    from qgate.summary import append_step_summary
+
     review = diff(old, new, db)
     click.echo(json.dumps(review.to_dict(), indent=2) if as_json else review_text(review))
     append_step_summary(review_markdown(review))
@@ -274,6 +320,8 @@ def policy_diff_cmd(old, new, db, as_json):
 def policy_redecide_cmd(run, policy_spec, db, as_json):
     """Decide stored RUN (a number or 'latest') again under another policy, from its stored samples, and
     record it as a new decision set; earlier sets stay and the report shows them as history."""
+    from qgate.review.redecide import redecide
+
     result = redecide(run, policy_spec, db)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.text())
 
@@ -281,8 +329,9 @@ def policy_redecide_cmd(run, policy_spec, db, as_json):
 @cli.command("quantize")
 @click.option("--family", default="smollm2", show_default=True, help="Model family.")
 @click.option("--member", default=None, help="Family member (default: the family's default).")
-@click.option("--model-path", default=None, type=click.Path(), help="Local model directory or .gguf file instead of the registered checkpoint.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--model", "--model-path", "model_path", default=None, metavar="ID_OR_PATH",
+              help="A hub id, model directory or .gguf file instead of the family's checkpoint (--model-path: the same).")
+@click.option("--revision", default=None, help="Hub revision of --model (branch, tag or commit).")
 @click.option("--format", "fmt", required=True, help="Candidate format ($candidate in the recipe), e.g. nvfp4.")
 @click.option("--recipe", default="uniform", show_default=True, help="Built-in recipe (uniform, uniform-all, mixed-fp4) or a .yaml file.")
 @click.option("--backend", default=None, help="Quantization backend (default: the best for the device).")
@@ -407,32 +456,44 @@ def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, rando
 
 @cli.command("eval")
 @click.option("--family", default="smollm2", show_default=True, help="Model family.")
+@click.option("--model", "model", default=None, metavar="ID_OR_PATH", help=MODEL_HELP)
+@click.option("--revision", default=None, help="Hub revision of --model (branch, tag or commit).")
+@click.option("--include-path", "include_path", default=None, type=click.Path(file_okay=False),
+              help="A folder of your own lm-eval task YAML files (for the suite's tasks and --tasks).")
 @click.option("--member", default=None, help="Family member (default: the family's default member).")
 @click.option("--format", "fmt", default=None, help="Fake-quantize into this format first (default: bf16 = none).")
 @click.option("--suite", default="smoke", show_default=True, help="Suite name (smoke, standard, full) or YAML file.")
 @click.option("--limit", type=int, default=None, help="At most N samples per task (overrides the suite's limits).")
-@click.option("--tasks", default=None, help="Comma-separated subset of the suite's tasks.")
+@click.option("--tasks", default=None,
+              help="Comma-separated tasks: the suite's, or any lm-eval task (registry or --include-path).")
 @click.option("--max-batch", type=int, default=None,
               help="At most N sequences per forward pass (default: the evaluation adapter's own, 32).")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print every task result (with all samples) as JSON on stdout.")
 @click.option("--json-file", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every task result (with all samples) to this JSON file.")
-def eval_cmd(family, member, fmt, suite, limit, tasks, max_batch, device, as_json, json_path):
+def eval_cmd(family, model, revision, include_path, member, fmt, suite, limit, tasks, max_batch, device, as_json,
+             json_path):
     """Evaluate a model (optionally fake-quantized) on a suite and print task, metric, value, stderr, n."""
-
-    spec = load_suite(suite)
+    spec = load_suite(suite, include_path=include_path)
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else spec.task_names()
-    selected = [spec.task(n) for n in names]
+    selected = select_tasks(spec, names, include_path)
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit: expected a positive integer, got {limit}")
     check_hub_data(selected)  # offline and not cached: one line now, not minutes of retries after the model loads
     if fmt is not None:
-            fmt = get_format(fmt).name
-    from qgate.models import load
+        fmt = get_format(fmt).name
+    if model is not None:
+        from qgate.hub import check_model
+
+        check_model(model, revision)  # before torch loads: an uncached hub model offline fails at once
+    from qgate.models import load, load_member, resolve_model
 
     bar = Progress(total=len(selected), label="qgate")
-    loaded = load(family, member, device=device, progress=bar.bar)
+    if model is not None:
+        loaded = load_member(resolve_model(model, revision), device=device, progress=bar.bar)
+    else:
+        loaded = load(family, member, device=device, progress=bar.bar)
     bar.note(f"model: {loaded.spec.describe()} ({loaded.checkpoint_hash[:19]}), {loaded.device}, {loaded.dtype}")
     if fmt and fmt != "bf16":
         from qgate.quantize import quantize_model

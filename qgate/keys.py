@@ -6,7 +6,9 @@ evidence a policy needs). A checkpoint's identity is its file hash or hub commit
 
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from qgate.canonical import content_hash
@@ -31,7 +33,21 @@ def task_config(task_spec, limit: int | None) -> dict:
                               "lm_eval": metadata.version("lm-eval")}
     if task_spec.offline:
         config["data"] = source_identity(task_spec.source, task_spec.data_params)
+    if getattr(task_spec, "include_path", None):  # a user's task folder: its content, so an edit re-evaluates
+        config["include"] = [folder_sha256(p) for p in task_spec.include_path]
     return config
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """One sha256 over every file of a folder (relative names and contents), hidden files and caches left out."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+            continue
+        digest.update(f"{rel.as_posix()}\0{hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()
 
 
 def quant_config_id(fmt: str, recipe: Any, backend_name: str) -> str | None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from qgate.errors import QgateError
-from qgate.families import DEFAULT_FAMILY, Member, Part, get_family
+from qgate.families import DEFAULT_FAMILY, Family, Member, Part, get_family, is_hub_id
 from qgate.files import cache_root, write_atomic
 from qgate.model_files import check_gguf, check_model_dir
 
@@ -71,26 +71,63 @@ def _package_file(location: str) -> Path:
     return path
 
 
+def _local_spec(family: str, member: str, model_path: str | os.PathLike, description: str = "") -> MemberSpec:
+    """A local directory or .gguf file as a member's checkpoint."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        return MemberSpec(family, member, "dir", str(path.resolve()), description=description)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return MemberSpec(family, member, "gguf", str(path.resolve()), description=description)
+    if path.is_file():
+        raise QgateError(
+            f"model path {path} is a file but not a .gguf file; give a model directory or a .gguf file"
+        )
+    raise QgateError(f"model path {path} does not exist; give a model directory or a .gguf file")
+
+
+def model_name(id_or_path: str) -> str:
+    """The member name a --model gets: the directory's or file's name, or the hub repository's, lower-cased."""
+    text = str(id_or_path).rstrip("/\\")
+    path = Path(text).expanduser()
+    name = path.stem if path.suffix.lower() == ".gguf" else path.name
+    return name.lower() or "model"
+
+
+def resolve_model(id_or_path: str, revision: str | None = None, family: str | None = None,
+                  member: str | None = None) -> MemberSpec:
+    """``--model``: a local directory, a .gguf file or a hub id (owner/name, with ``revision``)."""
+    text = str(id_or_path)
+    name = member or model_name(text)
+    family = family or name
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision:
+            raise QgateError(f"--revision {revision}: {text} is a local path; a revision applies to hub ids only")
+        return _local_spec(family, name, path)
+    if path.suffix.lower() == ".gguf" or text.startswith((".", "/", "~")) or not is_hub_id(text):
+        raise QgateError(f"--model {text}: no such directory or .gguf file, and not a hub id (owner/name)")
+    return MemberSpec(family, name, "hub", text, revision)
+
+
 def resolve_member(
-    family: str | None = None,
+    family: str | Family | None = None,
     member: str | None = None,
     model_path: str | os.PathLike | None = None,
     revision: str | None = None,
 ) -> MemberSpec:
-    """Name a checkpoint: the family's member, or `model_path` (a directory or a .gguf file) instead."""
-    fam = get_family(family or DEFAULT_FAMILY)
+    """Name a checkpoint: the family's member, or `model_path` (a directory or a .gguf file) instead.
+
+    family: a name (looked up in the policy files) or an already loaded Family (a policy's)."""
+    fam = family if isinstance(family, Family) else get_family(family or DEFAULT_FAMILY)
     info = fam.member(member)
     if model_path is not None:
-        path = Path(model_path).expanduser()
-        if path.is_dir():
-            return MemberSpec(fam.name, info.name, "dir", str(path.resolve()))
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            return MemberSpec(fam.name, info.name, "gguf", str(path.resolve()))
-        if path.is_file():
-            raise QgateError(
-                f"model path {path} is a file but not a .gguf file; give a model directory or a .gguf file"
-            )
-        raise QgateError(f"model path {path} does not exist; give a model directory or a .gguf file")
+        if not Path(model_path).expanduser().exists() and is_hub_id(str(model_path)):
+            return MemberSpec(fam.name, info.name, "hub", str(model_path), revision)
+        return _local_spec(fam.name, info.name, model_path)
+    if info.source == "path":
+        if revision:
+            raise QgateError(f"member {info.name} is a local path ({info.location}); it has no revision")
+        return _local_spec(fam.name, info.name, info.location, info.description)
     if info.source in ("package-gguf", "package-gguf-parts"):
         if revision:
             raise QgateError(f"member {info.name} is a file inside a package; it has no revision (got {revision!r})")
@@ -149,7 +186,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
     if not member.parts or not member.sha256 or member.size is None or any(not p.sha256 for p in member.parts):
         raise QgateError(
             f"member {member.name}: the sizes and sha256 of its parts and of the assembled file are not recorded "
-            f"in qgate/families.py yet; it cannot be checked, so it is not loaded"
+            f"in its family file yet; it cannot be checked, so it is not loaded"
         )
     target = assembled_path(member)
     if target.is_file():
@@ -195,7 +232,7 @@ def assemble_parts(member: Member, progress: bool = True) -> Path:
             raise QgateError(
                 f"member {member.name}: the assembled {member.location} has {size} bytes, sha256 "
                 f"{whole.hexdigest()}; expected {member.size} bytes, sha256 {member.sha256} (the recorded hashes "
-                f"in qgate/families.py disagree with each other)"
+                f"in its family file disagree with each other)"
             )
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the shared cache from other users
         os.replace(tmp, target)
@@ -307,42 +344,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise QgateError(f"unknown dtype {dtype!r}; expected one of: bf16, fp16, fp32") from None
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    from qgate.offline import hub_offline
-
-    if hub_offline():  # declared, or the hub does not answer: read the cache, never wait out retries
-        return True
-
-    flags = (os.environ.get(name, "").lower() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f in ("1", "true", "yes", "on") for f in flags)
-
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]
-
-
 def _hub_snapshot(spec: MemberSpec) -> Path:
-    """The local snapshot folder of a hub checkpoint: from the HF cache, downloading only when online."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """The local snapshot folder of a hub checkpoint (qgate.hub: the HF cache, downloading only when online)."""
+    from qgate.hub import snapshot
 
-    rev = spec.revision or "main"
-    how = (
-        f"put it in the Hugging Face cache (`hf download {spec.location}"
-        + (f" --revision {spec.revision}" if spec.revision else "")
-        + "` on a machine with access, HF_HOME pointing there) or pass a local copy with --model-path DIR"
-    )
-    try:
-        path = snapshot_download(
-            spec.location, revision=spec.revision, allow_patterns=_HUB_PATTERNS, local_files_only=_offline()
-        )
-    except LocalEntryNotFoundError:
-        raise QgateError(f"checkpoint {spec.location}@{rev} is not available offline; {how}") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QgateError(f"checkpoint {spec.location}@{rev} could not be fetched ({first}); {how}") from None
-    return Path(path)
+    return snapshot(spec.location, spec.revision)
 
 
 def _check_model_dir(directory: Path) -> None:

@@ -36,6 +36,11 @@ def _hub_answers() -> bool:
         return False
 
 
+def offline_reason() -> str | None:
+    """Why the hub is treated as offline (declared, or unreachable), or None when it answers."""
+    return _offline_reason()
+
+
 def hub_offline() -> bool:
     """True when the hub is declared or found unreachable; then the libraries' offline modes are on."""
     return _offline_reason() is not None

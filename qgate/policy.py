@@ -2,8 +2,10 @@
 
 A policy is YAML, one file per family (``policies/<family>.yaml``), read on top of
 ``policies/default.yaml``: every key a family file leaves out comes from the default file
-(mappings merge key by key, lists are replaced). A family that qgate knows (``qgate.families``) but
-that has no file of its own runs under the default file alone, on its default member.
+(mappings merge key by key, lists are replaced). The family file's ``models:`` says where each
+member's weights come from (parsed by ``qgate.families``, the same function for ``qgate policy check``
+and ``qgate run``); a file without it takes the models of the family it names. A family registered in
+code that has no file of its own runs under the default file alone, on its default member.
 
 Validation names the file, the line, the key path and the problem in one line (qgate.validation),
 and raises ``QgateError`` (exit 2). What the thresholds mean is the decision engine's (qgate.decide).
@@ -19,7 +21,8 @@ from typing import Any, Callable, Mapping
 
 from qgate.canonical import content_hash
 from qgate.errors import QgateError
-from qgate.families import get_family, list_families
+from qgate import datadirs
+from qgate.families import Family, Member, get_family, list_families, parse_models, registered
 from qgate.formats import get_format, list_formats
 from qgate.recipes import load_recipe
 from qgate.validation import YamlDoc, did_you_mean
@@ -27,7 +30,7 @@ from qgate.validation import YamlDoc, did_you_mean
 VERDICTS = ("pass", "fail", "inconclusive")
 INCONCLUSIVE_MEANS = ("pass", "fail", "warn")
 
-TOP_KEYS = ("family", "description", "members", "suite", "formats", "fallback", "defaults", "tasks")
+TOP_KEYS = ("family", "description", "models", "members", "suite", "formats", "fallback", "defaults", "tasks")
 MEMBER_KEYS = ("name", "model", "revision")
 FORMAT_KEYS = ("recipe",)
 FALLBACK_KEYS = ("format", "recipe")
@@ -100,6 +103,8 @@ class Policy:
     hash: str  # sha256 of the effective policy (defaults merged in)
     description: str = ""
     sources: tuple[str, ...] = field(default=())
+    models: Family | None = None  # the family's members and where their weights come from
+
 
     def task_policy(self, task: str) -> TaskPolicy:
         """The task's own entry, or the defaults applied to it."""
@@ -113,7 +118,8 @@ class Policy:
         return FormatChoice(fmt, DEFAULT_RECIPE)
 
     def to_dict(self) -> dict:
-        return {"family": self.family, "description": self.description,
+        models = {} if self.models is None else {"models": [_member_dict(m) for m in self.models.members]}
+        return {"family": self.family, "description": self.description, **models,
                 "members": [m.to_dict() for m in self.members], "suite": self.suite,
                 "formats": [f.to_dict() for f in self.formats], "fallback": [f.to_dict() for f in self.fallback],
                 "defaults": self.defaults.to_dict(), "tasks": {k: v.to_dict() for k, v in self.tasks.items()}}
@@ -121,36 +127,30 @@ class Policy:
 
 # ---- finding files ------------------------------------------------------------------------------
 
-def policy_dirs() -> list[Path]:
-    """Where family policies are looked up: $QGATE_POLICIES, ./policies, then the policies/ next to qgate."""
-    dirs = []
-    if os.environ.get("QGATE_POLICIES"):
-        dirs.append(Path(os.environ["QGATE_POLICIES"]))
-    dirs.append(Path.cwd() / "policies")
-    dirs.append(Path(__file__).resolve().parent.parent / "policies")
-    seen, out = set(), []
-    for d in dirs:
-        key = d.resolve() if d.exists() else d
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
+def _member_dict(m: Member) -> dict:
+    out = {"name": m.name, "source": m.source, "location": m.location}
+    for key in ("revision", "size", "sha256", "description"):
+        if getattr(m, key):
+            out[key] = getattr(m, key)
+    if m.aliases:
+        out["aliases"] = list(m.aliases)
+    if m.parts:
+        out["parts"] = [dict(package=p.package, version=p.version, module=p.module, file=p.file, size=p.size,
+                             sha256=p.sha256) for p in m.parts]
     return out
 
 
+def policy_dirs() -> list[Path]:
+    """Where family policies are looked up: $QGATE_POLICIES, ./policies, then the ones shipped with qgate."""
+    return datadirs.search_dirs("policies")
+
+
 def _find_in_dirs(name: str) -> Path | None:
-    for d in policy_dirs():
-        p = d / name
-        if p.is_file():
-            return p
-    return None
+    return datadirs.find("policies", name)
 
 
 def known_policy_families() -> list[str]:
-    names = set()
-    for d in policy_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml") if p.stem != "default")
-    return sorted(names)
+    return [name for name in datadirs.names("policies") if name != "default"]
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -159,10 +159,13 @@ def known_policy_families() -> list[str]:
 SuiteTasks = Callable[[str], list[str]]
 
 
-def load_policy(path_or_family: str | os.PathLike, *, suite_tasks: SuiteTasks | None = None) -> Policy:
+def load_policy(path_or_family: str | os.PathLike, *, suite_tasks: SuiteTasks | None = None,
+                need_models: bool = True) -> Policy:
     """Load and validate a policy: a YAML file path, or a family name (policies/<family>.yaml).
 
-    suite_tasks: when given, every task the policy names must be a task of its suite."""
+    suite_tasks: when given, every task the policy names must be a task of its suite.
+    need_models: False when the checkpoint comes from elsewhere (``qgate run --model``): a policy for a
+    family that no file defines then serves for its thresholds alone."""
     target = str(path_or_family)
     as_path = Path(target).expanduser()
     default_path = _find_in_dirs("default.yaml")
@@ -187,13 +190,11 @@ def load_policy(path_or_family: str | os.PathLike, *, suite_tasks: SuiteTasks | 
                 raise QgateError(f"no policy for family {target!r}: neither policies/{target}.yaml nor "
                                  f"policies/default.yaml was found (looked in {', '.join(map(str, policy_dirs()))})")
             doc, default_doc = default_doc, None
-    return _build(doc, default_doc, family_from, suite_tasks=suite_tasks)
+    return _build(doc, default_doc, family_from, suite_tasks=suite_tasks, need_models=need_models)
 
 
 def _require_known_family(family: str) -> None:
-    try:
-        get_family(family)
-    except QgateError:
+    if registered(family) is None:
         known = sorted(set(list_families()) | set(known_policy_families()))
         raise QgateError(f"unknown family {family!r}: no policies/{family}.yaml and no such model family"
                          f"{did_you_mean(family, known)}; known families: {', '.join(known)}") from None
@@ -209,7 +210,7 @@ def _merge(base: Any, over: Any) -> Any:
 
 
 def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *,
-           suite_tasks: SuiteTasks | None) -> Policy:
+           suite_tasks: SuiteTasks | None, need_models: bool = True) -> Policy:
     for d in (default_doc, doc):
         if d is not None and d.data is not None and not isinstance(d.data, dict):
             raise d.error((), "expected a mapping of policy keys at the top level")
@@ -239,7 +240,10 @@ def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *
     if not family or not isinstance(family, str):
         raise doc.error(("family",), "missing: name the model family this policy is for (e.g. family: smollm2)")
 
-    members = () if is_default_file and data.get("members") is None else _members(data.get("members"), family, origin)
+    if default_doc is not None and isinstance(default_doc.data, dict) and "models" in default_doc.data:
+        raise default_doc.error(("models",), "models belong in a family's own file, not in the default policy")
+    models = None if is_default_file else _models(doc, own, family, need_models)
+    members = () if is_default_file and data.get("members") is None else _members(data.get("members"), models, origin)
     suite = data.get("suite", "smoke")
     if not isinstance(suite, str) or not suite:
         raise origin(("suite",)).error(("suite",), f"expected a suite name, got {suite!r}")
@@ -261,14 +265,29 @@ def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *
     policy = Policy(family=family, members=members, suite=suite, formats=formats, fallback=fallback,
                     defaults=defaults, tasks=tasks, path=str(doc.path), text=doc.text, hash="",
                     description=str(data.get("description") or ""),
-                    sources=tuple(str(d.path) for d in (default_doc, doc) if d is not None))
+                    sources=tuple(str(d.path) for d in (default_doc, doc) if d is not None), models=models)
     return replace(policy, hash=content_hash(policy.to_dict()))
 
 
-def _members(raw: Any, family: str, origin) -> tuple[MemberPolicy, ...]:
+def _models(doc: YamlDoc, own: dict, family: str, need_models: bool) -> Family | None:
+    """The family's members and their sources: this file's ``models:``, else those of the family it names."""
+    description = " ".join(str(own.get("description") or "").split())
+    if own.get("models") is not None or "models" in own:
+        return parse_models(doc, own.get("models"), family, description)
+    try:
+        return get_family(family)
+    except QgateError as exc:
+        if not need_models:
+            return None
+        raise doc.error(("models",) if ("models",) in doc.lines else ("family",),
+                        f"no models: for family {family!r} ({exc}); say where each member's weights come from, "
+                        f"e.g. models: {{{family}-7b: {{hub: owner/name}}}}") from None
+
+
+def _members(raw: Any, models: Family | None, origin) -> tuple[MemberPolicy, ...]:
     path = ("members",)
     if raw is None:
-        return (MemberPolicy(get_family(family).default_member),)
+        return (MemberPolicy(models.default_member),) if models is not None else ()
     if not isinstance(raw, list) or not raw:
         raise origin(path).error(path, "expected a non-empty list of members (names or {name, model, revision})")
     out = []
@@ -283,6 +302,12 @@ def _members(raw: Any, family: str, origin) -> tuple[MemberPolicy, ...]:
         if not isinstance(item.get("name"), str):
             raise doc.error(path + (i,), "a member needs a name")
         out.append(MemberPolicy(item["name"], _opt_str(item.get("model")), _opt_str(item.get("revision"))))
+    for i, m in enumerate(out):
+        if models is not None:
+            try:
+                models.member(m.name)
+            except QgateError as exc:
+                raise origin(path + (i,)).error(path + (i,), str(exc)) from None
     names = [m.name for m in out]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

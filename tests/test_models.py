@@ -37,7 +37,7 @@ def private_cache(tmp_path, monkeypatch):
 
 
 def test_families_and_members_in_order():
-    assert families.list_families()[:2] == ["smollm2", "qwen2.5"]
+    assert families.list_families() == ["llama", "qwen2.5", "qwen2.5-coder", "smollm2"]  # the shipped policy files
     smol = families.get_family("smollm2")
     assert smol.default_member == "smollm2-135m-instruct"
     qwen = families.get_family("qwen2.5")
@@ -49,7 +49,7 @@ def test_families_and_members_in_order():
 
 
 def test_unknown_family_and_member_list_valid_names():
-    with pytest.raises(QgateError, match=r"unknown model family 'gpt9'.*smollm2, qwen2\.5"):
+    with pytest.raises(QgateError, match=r"unknown model family 'gpt9'.*qwen2\.5, qwen2\.5-coder, smollm2"):
         families.get_family("gpt9")
     expected = r"unknown member 'qwen2.5-2b'.*qwen2\.5-0\.5b-instruct.*qwen2\.5-72b-instruct"
     with pytest.raises(QgateError, match=expected):
@@ -152,7 +152,7 @@ def test_hub_checkpoint_offline_names_it_and_how_to_provide_it(tmp_path, monkeyp
     with pytest.raises(QgateError) as info:
         models.load_member(spec, device="cpu")
     message = str(info.value)
-    assert "Qwen/Qwen2.5-72B-Instruct" in message and "--model-path" in message and "hf download" in message
+    assert "Qwen/Qwen2.5-72B-Instruct" in message and "--model" in message and "hf download" in message
 
 
 def test_unknown_dtype():

@@ -45,12 +45,12 @@ def test_shipped_policies_load_and_validate():
         pol = load_policy(family)
         assert pol.family == family and pol.members and pol.suite == "smoke"
         assert [c.format for c in pol.fallback] == ["fp8"]
-        assert len(pol.hash) == 64 and pol.text == (REPO / "policies" / f"{family}.yaml").read_text()
+        assert len(pol.hash) == 64 and pol.text == (REPO / "qgate" / "policies" / f"{family}.yaml").read_text()
     smol = load_policy("smollm2")
     assert smol.task_policy("perplexity").min_recovery == 0.90
     assert smol.task_policy("mmlu").blocking is False
     assert smol.task_policy("needle").max_drop == 10.0
-    assert load_policy(REPO / "policies" / "default.yaml").family == "default"
+    assert load_policy(REPO / "qgate" / "policies" / "default.yaml").family == "default"
 
 
 def test_family_file_merges_over_default(tmp_path):
@@ -65,11 +65,22 @@ def test_family_file_merges_over_default(tmp_path):
     assert pol.format_choice("nvfp4").recipe == "uniform" and pol.format_choice("mxfp4").recipe == "uniform"
 
 
-def test_known_family_without_a_file_runs_under_default():
+def test_family_file_without_members_gates_its_first_model_under_default_thresholds():
     pol = load_policy("llama")
-    assert pol.family == "llama" and pol.path.endswith("default.yaml")
+    assert pol.family == "llama" and pol.path.endswith("llama.yaml")
     assert [m.name for m in pol.members] == ["llama-3.2-1b-instruct"]
     assert [c.format for c in pol.fallback] == ["fp8"]
+    assert pol.defaults == load_policy(REPO / "qgate" / "policies" / "default.yaml").defaults
+
+
+def test_family_registered_in_code_without_a_file_runs_under_default(monkeypatch):
+    from qgate import families
+
+    fam = families.Family("codefam", (families.Member("codefam-1b", "hub", "org/codefam-1b"),), "codefam-1b")
+    monkeypatch.setitem(families._FAMILIES, "codefam", fam)
+    pol = load_policy("codefam")
+    assert pol.family == "codefam" and pol.path.endswith("default.yaml")
+    assert [m.name for m in pol.members] == ["codefam-1b"]
 
 
 def test_hash_depends_on_content_not_formatting(tmp_path):
@@ -136,7 +147,7 @@ def test_cli_policy_check_and_show(tmp_path):
     def run(*args):
         return CliRunner().invoke(cli, list(args))
 
-    ok = run("policy", "check", str(REPO / "policies" / "smollm2.yaml"), str(REPO / "policies" / "qwen2.5.yaml"))
+    ok = run("policy", "check", str(REPO / "qgate" / "policies" / "smollm2.yaml"), str(REPO / "qgate" / "policies" / "qwen2.5.yaml"))
     assert ok.exit_code == 0, ok.output
     assert "smollm2.yaml: ok" in ok.stdout and "qwen2.5.yaml: ok" in ok.stdout
     failed = run("policy", "check", str(bad))

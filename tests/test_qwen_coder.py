@@ -212,7 +212,7 @@ def test_a_record_whose_parts_disagree_with_the_whole_is_refused(tmp_path, monke
     with pytest.raises(QgateError, match="disagree with each other"):
         models.assemble_parts(member)
     unrecorded = dataclasses.replace(fake.member, sha256=None)
-    with pytest.raises(QgateError, match="are not recorded in qgate/families.py yet"):
+    with pytest.raises(QgateError, match="are not recorded in its family file yet"):
         models.assemble_parts(unrecorded)
 
 

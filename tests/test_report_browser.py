@@ -126,7 +126,7 @@ def _mini_smoke_suite(path: Path) -> Path:
     """The smoke suite's own mmlu, needle and perplexity definitions with smaller caps (minutes -> about one)."""
     import yaml
 
-    smoke = yaml.safe_load((REPO / "suites" / "smoke.yaml").read_text(encoding="utf-8"))
+    smoke = yaml.safe_load((REPO / "qgate" / "suites" / "smoke.yaml").read_text(encoding="utf-8"))
     tasks = {t["name"]: t for t in smoke["tasks"]}
     mmlu = dict(tasks["mmlu"], num_fewshot=0, limit=6)
     needle = dict(tasks["needle"], data=dict(tasks["needle"]["data"], lengths=[128, 256], depths=[0, 100]))

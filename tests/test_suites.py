@@ -51,7 +51,7 @@ def test_smoke_is_offline_and_standard_reads_the_hub_registry_tasks():
 
 
 def test_suite_hash_is_content_not_formatting(tmp_path):
-    text = (REPO / "suites" / "smoke.yaml").read_text()
+    text = (REPO / "qgate" / "suites" / "smoke.yaml").read_text()
     a = tmp_path / "a.yaml"
     a.write_text("# a comment\n" + text.replace("limit: 40", "limit:    40"))
     assert load_suite(a).hash == load_suite("smoke").hash

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from qgate.errors import QgateError
 from qgate.evaluation import data, sandbox
 from qgate.evaluation.suite import Suite, TaskSpec
 from qgate.metrics import CORPUS_WEIGHTS
+from qgate.validation import did_you_mean
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 STDERR_BOOTSTRAP = 1000  # resamples for corpus-level perplexity stderr (lm-eval reports none for these)
@@ -82,11 +84,83 @@ def make_lm(model, tokenizer, max_length: int | None = None, **kw):
 # running
 
 
-def task_manager(task: TaskSpec, metadata: dict | None = None):
-    """qgate's task folders, plus lm-eval's registry when the task reads hub data."""
+def task_manager(task: TaskSpec, metadata: dict | None = None, include_defaults: bool | None = None):
+    """qgate's task folders and the task's own include paths, plus lm-eval's registry when the task reads
+    its own data (``include_defaults`` None)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=not task.offline, metadata=metadata or {})
+    paths = [str(TASKS_DIR), *(task.include_path or [])]
+    defaults = (not task.offline) if include_defaults is None else include_defaults
+    return TaskManager(include_path=paths, include_defaults=defaults, metadata=metadata or {})
+
+
+BINARY_METRICS = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "pass@1", "mcc_binary")
+LOWER_IS_BETTER = ("word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
+_OUTPUT_METRIC = {"multiple_choice": "acc", "loglikelihood": "acc", "generate_until": "exact_match",
+                  "loglikelihood_rolling": "word_perplexity"}
+
+
+def select_tasks(suite: Suite, names: list[str], include_path: str | None = None) -> list[TaskSpec]:
+    """The suite's tasks by name; a name the suite does not list is an lm-eval task (registry or the user's
+    folder), its settings read from its own config (lm_eval_task_spec)."""
+    out = []
+    for name in names:
+        if name in suite.task_names():
+            out.append(suite.task(name))
+            continue
+        try:
+            out.append(lm_eval_task_spec(name, include_path))
+        except QgateError as exc:
+            raise QgateError(f"suite {suite.name!r}: no task {name!r}{did_you_mean(name, suite.task_names())} "
+                             f"(tasks: {', '.join(suite.task_names())}), and {exc}") from None
+    return out
+
+
+def lm_eval_task_spec(name: str, include_path: str | None = None, num_fewshot: int | None = None) -> TaskSpec:
+    """A suite entry for an lm-eval task that no suite lists (``qgate eval --tasks NAME``), read from the
+    task's own config: the primary metric is the first of its metric_list (its filter's name appended when
+    the task has several filters), its direction the metric_list's higher_is_better (lm-eval's own default
+    otherwise); pass/fail per sample for accuracy-like metrics, continuous otherwise; shots from the
+    config (0 if none); generation as the config sets it."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    probe = TaskSpec(name=name, lm_eval_task=name, data={"source": "lm_eval"}, num_fewshot=0, metric="?",
+                     higher_is_better=True, per_sample="binary",
+                     include_path=[include_path] if include_path else None)
+    with _quiet_lm_eval():
+        tm = task_manager(probe, include_defaults=False) if include_path else None
+        if tm is None or name not in tm.task_index:  # not in the user's folder: lm-eval's registry too
+            tm = task_manager(probe, include_defaults=True)
+    entry = tm.task_index.get(name)
+    if entry is None:
+        where = "its registry" + (f" or {include_path}" if include_path else "")
+        raise QgateError(f"lm-eval has no task {name!r} in {where}")
+    if entry.yaml_path is None or str(getattr(entry.kind, "name", entry.kind)).upper() not in ("TASK",):
+        raise QgateError(f"task {name!r} is an lm-eval group or tag; list it in a suite with its metric "
+                         f"(suites/<name>.yaml: lm_eval_task: {name}, metric: ...)")
+    try:
+        cfg = load_yaml(entry.yaml_path, resolve_func=False)
+    except Exception as exc:  # noqa: BLE001 - a user's YAML may be broken in any way yaml can say
+        raise QgateError(f"task {name!r}: cannot read {entry.yaml_path}: {str(exc).splitlines()[0]}") from None
+    metrics = cfg.get("metric_list") or []
+    first = metrics[0] if metrics and isinstance(metrics[0], dict) else {}
+    metric = str(first.get("metric") or _OUTPUT_METRIC.get(cfg.get("output_type"), "acc"))
+    higher = first.get("higher_is_better")
+    if not isinstance(higher, bool):
+        higher = metric not in LOWER_IS_BETTER
+    filters = [f.get("name") for f in cfg.get("filter_list") or [] if isinstance(f, dict)]
+    if len(filters) > 1 and filters[0]:
+        metric = f"{metric},{filters[0]}"
+    shots = num_fewshot if num_fewshot is not None else cfg.get("num_fewshot") or 0
+    gen = cfg.get("generation_kwargs") or {}
+    generation = {k: gen[k] for k in ("max_gen_toks", "until") if k in gen} or None
+    if generation and isinstance(generation.get("until"), str):
+        generation["until"] = [generation["until"]]
+    base = metric.split(",", 1)[0]
+    return TaskSpec(name=re.sub(r"[^a-z0-9_]", "_", name.lower()), lm_eval_task=name, data={"source": "lm_eval"},
+                    num_fewshot=int(shots), metric=metric, higher_is_better=higher,
+                    per_sample="binary" if base in BINARY_METRICS else "continuous", generation=generation,
+                    include_path=[include_path] if include_path else None)
 
 
 def materialize_task_data(task: TaskSpec, tokenizer=None, max_context: int | None = None):
@@ -134,9 +208,15 @@ def evaluate_task(model, tokenizer, task: TaskSpec, limit: int | None = None, lm
 
     programs_before = sandbox.programs_run()
     with _quiet_lm_eval(), _reporting(lm, task, progress), library_bars_hidden(progress):
-        tm = task_manager(task, metadata)
+        tm = None
+        if task.include_path and not task.offline:  # the user's own folder first: no registry scan if it is there
+            tm = task_manager(task, metadata, include_defaults=False)
+            if task.lm_eval_task not in tm.all_tasks:
+                tm = None
+        tm = tm or task_manager(task, metadata)
         if task.lm_eval_task not in tm.all_tasks:
             where = "qgate's task folders" + ("" if task.offline else " or lm-eval's registry")
+            where += "".join(f" or {p}" for p in task.include_path or [])
             raise QgateError(f"task {task.name}: lm_eval_task {task.lm_eval_task!r} not found in {where}")
         gen_kwargs = {**(task.generation or {}), "do_sample": False, "temperature": 0.0}  # always greedy
         with _hub_data_errors(task):
@@ -309,7 +389,7 @@ def _to_task_result(task: TaskSpec, out: dict, datafile, limit: int | None, wall
         cfg = out.get("configs", {}).get(leaf_tasks[0], {}) if leaf_tasks else {}
         dataset = task.data.get("dataset") or "/".join(
             str(x) for x in (cfg.get("dataset_path"), cfg.get("dataset_name")) if x)
-        data_source = (f"hub dataset {dataset or '?'} through lm-eval's {task.lm_eval_task!r} task; "
+        data_source = (f"dataset {dataset or '?'} through lm-eval's {task.lm_eval_task!r} task; "
                        f"{len(samples)} evaluated documents, sha256 {data_sha}")
     lm_eval_version = getattr(lm_eval, "__version__", "?")
     config_hash = _config_hash(task, limit, data_sha)

@@ -1,28 +1,33 @@
 """Suites: which tasks to run, on which data, with which shots, limits and generation caps.
 
 A suite is a YAML file (suites/<name>.yaml). Each task entry names the lm-eval task that runs it, its
-data source (``hub`` for the dataset an lm-eval registry task names, or an offline source that
-qgate.evaluation.data materializes from installed packages), the primary metric and its direction.
+data source (``lm_eval``, or its older name ``hub``: the dataset the lm-eval task's own config names,
+on the hub or in local files; or an offline source that qgate.evaluation.data materializes from
+installed packages), the primary metric and its direction. The lm-eval task comes from lm-eval's
+registry, from qgate's task folders, or from the user's own folders: ``include_path:`` in the suite
+(relative to the suite file) or ``--include-path DIR``.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from qgate import datadirs
 from qgate.canonical import content_hash
 from qgate.errors import QgateError
 from qgate.evaluation import data as data_sources
 from qgate.validation import YamlDoc, did_you_mean
 
-SUITE_KEYS = {"suite", "description", "defaults", "tasks"}
+SUITE_KEYS = {"suite", "description", "include_path", "defaults", "tasks"}
+OWN_DATA_SOURCES = ("lm_eval", "hub")  # the lm-eval task reads the data its own config names
 TASK_KEYS = {
     "name", "lm_eval_task", "data", "num_fewshot", "limit", "generation", "chat_template",
     "fewshot_as_multiturn", "system_instruction", "seed", "metric", "higher_is_better", "per_sample",
 }
-REQUIRED_TASK_KEYS = ("name", "lm_eval_task", "data", "num_fewshot", "metric", "higher_is_better", "per_sample")
+REQUIRED_TASK_KEYS = ("name", "lm_eval_task", "num_fewshot", "metric", "higher_is_better", "per_sample")
 GENERATION_KEYS = {"max_gen_toks", "until"}
 PER_SAMPLE_KINDS = ("binary", "continuous")
 DEFAULT_SEED = 1234
@@ -47,6 +52,7 @@ class TaskSpec:
     fewshot_as_multiturn: bool = True
     system_instruction: str | None = None
     seed: int = DEFAULT_SEED
+    include_path: list[str] | None = None  # the user's lm-eval task folders this task is looked up in
 
     @property
     def source(self) -> str:
@@ -54,14 +60,18 @@ class TaskSpec:
 
     @property
     def offline(self) -> bool:
-        return self.source != "hub"
+        """True for qgate's offline sources (qgate materializes the data); False when lm-eval's task reads its own."""
+        return self.source not in OWN_DATA_SOURCES
 
     @property
     def data_params(self) -> dict:
         return {k: v for k, v in self.data.items() if k != "source"}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["include_path"] is None:  # absent, so that the keys of tasks without one stay what they were
+            del out["include_path"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSpec":
@@ -95,23 +105,12 @@ class Suite:
 
 
 def suite_dirs() -> list[Path]:
-    """Where suite names are looked up: ./suites, then the suites/ folder next to the qgate package."""
-    here = Path(__file__).resolve().parents[2] / "suites"
-    dirs = [Path.cwd() / "suites", here]
-    seen, out = set(), []
-    for d in dirs:
-        if d.resolve() not in seen:
-            seen.add(d.resolve())
-            out.append(d)
-    return out
+    """Where suite names are looked up: ./suites, then the suites shipped inside the qgate package."""
+    return datadirs.search_dirs("suites")
 
 
 def available_suites() -> list[str]:
-    names = set()
-    for d in suite_dirs():
-        if d.is_dir():
-            names.update(p.stem for p in d.glob("*.yaml"))
-    return sorted(names)
+    return datadirs.names("suites")
 
 
 def find_suite(name_or_path: str | Path) -> Path:
@@ -132,11 +131,30 @@ def find_suite(name_or_path: str | Path) -> Path:
     )
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """Load and validate a suite by name (smoke, standard, full) or by path."""
+def load_suite(name_or_path: str | Path, include_path: str | Path | None = None) -> Suite:
+    """Load and validate a suite by name (smoke, standard, full) or by path.
+
+    include_path: a folder of the user's own lm-eval tasks (``--include-path``), added to the suite's own
+    ``include_path`` for every task that reads its own data."""
     path = find_suite(name_or_path)
     doc = YamlDoc.read(path)
-    return parse_suite(doc.data, source=str(path), doc=doc)
+    suite = parse_suite(doc.data, source=str(path), doc=doc)
+    return with_include_path(suite, include_path) if include_path is not None else suite
+
+
+def check_include_path(value: str | Path, what: str = "--include-path") -> str:
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise QgateError(f"{what} {value}: not a directory (expected a folder of lm-eval task YAML files)")
+    return str(folder.resolve())
+
+
+def with_include_path(suite: Suite, include_path: str | Path) -> Suite:
+    """The suite with a user task folder added to every task that reads its own data (not qgate's sources)."""
+    folder = check_include_path(include_path)
+    tasks = [t if t.offline else replace(t, include_path=list(dict.fromkeys([*(t.include_path or []), folder])))
+             for t in suite.tasks]
+    return Suite(name=suite.name, tasks=tasks, description=suite.description, path=suite.path)
 
 
 def suite_task_names(name_or_path: str | Path) -> list[str]:
@@ -165,6 +183,17 @@ def parse_suite(raw: Any, source: str = "<suite>", doc: YamlDoc | None = None) -
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise bad(("tasks",), "expected a non-empty list of task entries")
+    include = raw.get("include_path")
+    if include is not None:
+        if not isinstance(include, str) or not include:
+            raise bad(("include_path",), f"expected a folder of lm-eval task YAML files, got {include!r}")
+        folder = Path(include).expanduser()
+        if not folder.is_absolute() and isinstance(doc.path, (str, Path)) and Path(doc.path).is_file():
+            folder = Path(doc.path).parent / folder
+        if not folder.is_dir():
+            raise bad(("include_path",), f"{folder}: not a directory (relative paths are read from the suite file's "
+                                         "folder)")
+        include = [str(folder.resolve())]
 
     tasks: list[TaskSpec] = []
     seen: set[str] = set()
@@ -174,6 +203,8 @@ def parse_suite(raw: Any, source: str = "<suite>", doc: YamlDoc | None = None) -
             raise bad(where, "expected a mapping")
         merged = {**defaults, **entry}
         spec = _parse_task(merged, where, doc)
+        if include and not spec.offline:
+            spec = replace(spec, include_path=include)
         if spec.name in seen:
             raise bad(where + ("name",), f"duplicate task name {spec.name!r}")
         seen.add(spec.name)
@@ -195,17 +226,18 @@ def _parse_task(d: dict, where: tuple, doc: YamlDoc) -> TaskSpec:
     if not isinstance(lm_task, str) or not lm_task.strip():
         raise bad(where + ("lm_eval_task",), f"expected an lm-eval task or group name, got {lm_task!r}")
 
-    data = d["data"]
+    data = d.get("data", "lm_eval")
     if isinstance(data, str):
         data = {"source": data}
     if not isinstance(data, dict) or "source" not in data:
-        raise bad(where + ("data",), "expected a mapping with a 'source' key ('hub' or an offline source)")
+        raise bad(where + ("data",), "expected a mapping with a 'source' key ('lm_eval', 'hub' or an offline source)")
     source = data["source"]
-    if source != "hub":
+    if source not in OWN_DATA_SOURCES:
         known = data_sources.source_names()
         if source not in known:
-            raise bad(where + ("data", "source"), f"unknown source {source!r}{did_you_mean(source, known)} "
-                                                  f"(expected 'hub' or one of: {', '.join(known)})")
+            raise bad(where + ("data", "source"), f"unknown source {source!r}"
+                                                  f"{did_you_mean(source, [*OWN_DATA_SOURCES, *known])} "
+                                                  f"(expected 'lm_eval', 'hub' or one of: {', '.join(known)})")
         try:
             params = data_sources.check_params(source, {k: v for k, v in data.items() if k != "source"})
         except QgateError as exc:
@@ -214,7 +246,7 @@ def _parse_task(d: dict, where: tuple, doc: YamlDoc) -> TaskSpec:
     else:
         for k, v in data.items():
             if k not in ("source", "dataset"):
-                raise bad(where + ("data", k), "unknown key for source 'hub' (allowed: dataset)")
+                raise bad(where + ("data", k), f"unknown key for source {source!r} (allowed: dataset)")
             if k == "dataset" and not isinstance(v, str):
                 raise bad(where + ("data", "dataset"), "expected the hub dataset id as a string")
         data = dict(data)

@@ -105,6 +105,8 @@ def describe_changes(old: Policy, new: Policy, units: Mapping[str, str] | None =
     if old.suite != new.suite:
         out.append(Change("suite", old.suite, new.suite, f"suite {old.suite} -> {new.suite}"))
 
+    out += _model_changes(old, new)
+
     old_members = {m.name: m for m in old.members}
     new_members = {m.name: m for m in new.members}
     for name in new_members.keys() - old_members.keys():
@@ -160,6 +162,29 @@ def describe_changes(old: Policy, new: Policy, units: Mapping[str, str] | None =
         own = name in old.tasks or name in new.tasks
         out += _task_policy_changes(name, old.task_policy(name), new.task_policy(name), units.get(name, ""),
                                     f"tasks.{name}", "" if own else " (from defaults)")
+    return out
+
+
+def _model_changes(old: Policy, new: Policy) -> list[Change]:
+    """Members whose weights come from somewhere else (the models: section), in words."""
+    def where(m: dict) -> str:
+        return f"{m['source']}: {m['location']}" + (f"@{m['revision']}" if m.get("revision") else "")
+
+    a = {m["name"]: m for m in old.to_dict().get("models", [])}
+    b = {m["name"]: m for m in new.to_dict().get("models", [])}
+    out = []
+    for name in [*a, *(n for n in b if n not in a)]:
+        if a.get(name) == b.get(name):
+            continue
+        if name not in a:
+            text = f"model added: {name} ({where(b[name])})"
+        elif name not in b:
+            text = f"model removed: {name}"
+        elif where(a[name]) != where(b[name]):
+            text = f"model {name}: {where(a[name])} -> {where(b[name])}"
+        else:
+            text = f"model {name}: record changed (aliases, description, sizes or hashes)"
+        out.append(Change(f"models.{name}", a.get(name), b.get(name), text))
     return out
 
 
