@@ -55,7 +55,7 @@ def split_suite(suite_path: Path, parts: int, out: Path) -> list[Path]:
 
 
 def mixed_policy(family: str, out: Path) -> Path:
-    policy = yaml.safe_load((ROOT / "policies" / f"{family}.yaml").read_text())
+    policy = yaml.safe_load((ROOT / "qgate" / "policies" / f"{family}.yaml").read_text())
     policy["formats"] = {"nvfp4": {"recipe": "mixed-fp4"}}
     policy["description"] = f"{policy.get('description', '')} (benchmark: the mixed-fp4 recipe around nvfp4)"
     path = out / f"{family}-mixed.yaml"
@@ -77,7 +77,7 @@ def main() -> int:
     ap.add_argument("--finalize-only", action="store_true", help="only the deciding runs (evaluations stored)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    suite_path = Path(args.suite) if args.suite.endswith((".yaml", ".yml")) else ROOT / "suites" / f"{args.suite}.yaml"
+    suite_path = Path(args.suite) if args.suite.endswith((".yaml", ".yml")) else ROOT / "qgate" / "suites" / f"{args.suite}.yaml"
     mixed = mixed_policy(args.family, args.out)
     common = ["--family", args.family, "--member", args.member, "--db", args.db, "--device", args.device]
     if args.limit:
