@@ -278,6 +278,30 @@ def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, pro
     )
 
 
+@cli.command("export-checkpoint")
+@click.option("--family", default="smollm2", show_default=True, help="Model family.")
+@click.option("--member", default=None, help="Family member (default: the family's default).")
+@click.option("--model-path", default=None, type=click.Path(), help="Local model directory or .gguf file instead of the registered checkpoint.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--format", "fmt", required=True, help="Format ($candidate in the recipe): nvfp4, mxfp4, mxfp6_e2m3, mxfp8_e4m3 (and _rceil), fp8, fp8_channel.")
+@click.option("--recipe", default="uniform", show_default=True, help="Built-in recipe or a .yaml file.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="New or empty directory to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written tensors and quantization_config as JSON.")
+def export_checkpoint_cmd(family, member, model_path, revision, fmt, recipe, output, as_json):
+    """Write a compressed-tensors checkpoint of the fake-quantized model (loads in vLLM and transformers)."""
+    from qgate.export import export_checkpoint
+
+    result = export_checkpoint(output, fmt, recipe, family=family, member=member, model_path=model_path,
+                               revision=revision, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({"directory": str(result.directory), "quantization_config": result.quantization_config,
+                               "tensors": [vars(t) for t in result.tensors]}, indent=2))
+        return
+    formats = sorted({t.compression for t in result.tensors})
+    click.echo(f"wrote {result.directory}: {len(result.tensors)} tensors in {', '.join(formats)} "
+               f"(compressed-tensors {result.quantization_config.get('version', '?')})")
+
+
 @cli.command("footprint")
 @click.option("--model", "model", required=True, metavar="ID|DIR|config.json",
               help="Hub id, model directory, config.json, .gguf file or family[/member].")
