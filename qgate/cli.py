@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from qgate import __version__
+from qgate.checkpoints import parse_candidate_option
 from qgate.errors import QgateError, UsageError
 from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table
 from qgate.evaluation.suite import load_suite, suite_task_names
@@ -139,11 +140,14 @@ Exit codes:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Write JUnit XML: one test case per member x format x task.")
+@click.option("--candidate", "candidates", multiple=True, metavar="NAME=PATH",
+              help="Also gate a quantized checkpoint (compressed-tensors directory or hub id) as candidate NAME "
+                   "(repeatable; alone, only these are gated).")
 @click.option("--report/--no-report", default=True, help="Render the HTML report at the end (default: on).")
 @click.option("-o", "--output", "report_output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the HTML report (default: reports/<family>-<run>.html).")
 def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, device, as_json, junit, report,
-            report_output):
+            report_output, candidates):
     """Quantize, evaluate baseline and candidates, apply the policy, record and report the decision.
 
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
@@ -156,7 +160,8 @@ def run_cmd(family, formats, member, suite, policy_path, db, backend, limit, dev
     signal.signal(signal.SIGTERM, _terminated)
     try:
         result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
-                          backend=backend, limit=limit, device=device, report=report, report_path=report_output)
+                          backend=backend, limit=limit, device=device, report=report, report_path=report_output,
+                          candidates=[parse_candidate_option(c) for c in candidates])
     except KeyboardInterrupt:
         click.echo("qgate: interrupted; the evaluations stored so far are reused by the next run", err=True)
         sys.exit(130)
