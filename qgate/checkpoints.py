@@ -64,7 +64,7 @@ class ResolvedCandidate:
     checkpoint_id: str  # "sha256:<hex>" of the directory's config and weights, "git:<sha>" for a hub revision
     quantization_config: dict
     scheme: list[dict] = field(default_factory=list)  # one entry per config group
-    qgate_format: str | None = None  # the qgate format every quantized weight is in, if one
+    qgate_format: str | None = None  # the qgate format every quantized weight is in, if one (activations aside)
 
     @property
     def name(self) -> str:
@@ -124,12 +124,12 @@ def read_scheme(qconfig: dict) -> tuple[list[dict], str | None]:
             dyn = acts.get("dynamic")
             a_text = f", activations {acts.get('num_bits')}-bit {acts.get('type')} {acts.get('strategy')}" + (
                 " dynamic" if dyn in (True, "local") else " static")
-        fmt_text = f" (= qgate {fmt})" if fmt and not acts else ""
+        fmt_text = (f" (weights = qgate {fmt})" if acts else f" (= qgate {fmt})") if fmt else ""
         groups.append({"group": gname, "format": group.get("format") or qconfig.get("format"),
                        "targets": list(group.get("targets") or []), "weights": weights, "input_activations": acts,
-                       "qgate_format": fmt if not acts else None,
+                       "qgate_format": fmt,
                        "text": f"{group.get('format') or qconfig.get('format')}: {w_text}{a_text}{fmt_text}"})
-        formats.add(fmt if not acts else None)
+        formats.add(fmt)
     one = next(iter(formats)) if len(formats) == 1 else None
     return groups, one
 
@@ -205,22 +205,40 @@ def load_candidate(resolved: ResolvedCandidate, device, dtype, fallback_tokenize
 # --------------------------------------------------------------------------------------------
 
 
-def _explain(fmt: str, identical: float, emu, got, base) -> str:
-    """The rule that accounts for a difference, in words (checked on the tensor, not assumed)."""
+_FUSED = (re.compile(r"(q_proj|k_proj|v_proj)(\.weight)?$"), re.compile(r"(gate_proj|up_proj)(\.weight)?$"))
+
+
+def _fused_siblings(name: str, names: set[str]) -> list[str]:
+    """The projections vLLM fuses into one GEMM with `name` (q/k/v, gate/up), present in `names`."""
+    for pattern in _FUSED:
+        if pattern.search(name):
+            stem = pattern.sub("", name)
+            return sorted(n for n in names if pattern.search(n) and pattern.sub("", n) == stem)
+    return [name]
+
+
+def _nvfp4_with_tensor_amax(x, amax):
+    """qgate's NVFP4 with the second-level scale taken from `amax` instead of the tensor's own."""
     import torch
 
-    if identical == 1.0:
-        return "identical"
+    from qgate.backends import reference as ref
+
+    s_tensor = ref.true_div(amax.reshape(()).to(torch.float32), 6.0 * 448.0)
+    xb, last = ref._blocks(x.to(torch.float32), 16)
+    q, _, total, _ = ref.quantize_nvfp4_blocks(xb, s_tensor)
+    return ref._unblocks(q * total, last, x.shape)
+
+
+def _rule(fmt: str, same: float, shared_same: float | None) -> str:
+    """The rule that accounts for a difference, in words (each checked on the tensor, not assumed)."""
+    if same == 1.0:
+        return "identical" if fmt != "nvfp4" else "identical (in the bfloat16 compressed-tensors decodes to)"
+    if shared_same == 1.0:
+        return ("global scale: one per-tensor scale shared by the fused projections (q/k/v, gate/up), from their "
+                "largest amax (llm-compressor's fused-layer global scale); with it, identical")
     if fmt == "nvfp4":
-        emu16 = emu.to(torch.bfloat16).float()
-        if torch.equal(emu16, got):
-            return "bfloat16 rounding of the dequantized value only (compressed-tensors decodes to bfloat16)"
-        # same codes, different scale product: global scale convention (s_block / g vs s_block * s_tensor)
-        rel = ((emu16 - got).abs() / emu16.abs().clamp_min(1e-30))[emu16 != got]
-        if rel.numel() and float(rel.max()) < 2**-6:
-            return "global scale: q*(s_block/g) vs q*(s_block*s_tensor), the same codes one rounding apart"
-        return "block scales or element codes differ (another scale rule, e.g. a different clamp, " \
-               "or a weight-changing method such as GPTQ)"
+        return ("block scales or element codes differ (another scale or clamp rule, or a weight-changing method "
+                "such as GPTQ)")
     if fmt.startswith("mx"):
         return "scale rule or element codes differ (e.g. RCEIL vs FLOOR E8M0 scales, or GPTQ-style rounding)"
     return "scale or element codes differ (another amax/scale rule, or GPTQ-style rounding)"
@@ -234,28 +252,34 @@ def fidelity(baseline, candidate, fmt: str) -> list[dict]:
 
     from qgate.backends import fake_quantize
 
-    base = dict(baseline.named_parameters())
+    base = {n: p for n, p in baseline.named_parameters()}
+    quantized = {n for n, p in candidate.named_parameters()
+                 if p.dim() == 2 and n in base and base[n].shape == p.shape and not torch.equal(base[n].data, p.data)}
     rows = []
     with torch.no_grad():
         for name, p in candidate.named_parameters():
-            if p.dim() != 2 or name not in base or base[name].shape != p.shape:
+            if name not in quantized:
                 continue
             b = base[name].data.float()
             got = p.data.float()
-            if torch.equal(b, got):
-                continue  # kept in full precision
             emu = fake_quantize(b, fmt)
             ref = emu.to(torch.bfloat16).float() if fmt == "nvfp4" else emu
             same = float((ref == got).float().mean())
-            diff = (ref - got).abs()
-            denom = ref.abs()
-            nz = denom > 0
-            rel = diff[nz] / denom[nz]
+            shared_same = None
+            if same < 1.0 and fmt == "nvfp4":
+                siblings = _fused_siblings(name, quantized)
+                if len(siblings) > 1:
+                    amax = max(base[s].data.float().abs().amax() for s in siblings)
+                    alt = _nvfp4_with_tensor_amax(b, amax).to(torch.bfloat16).float()
+                    shared_same = float((alt == got).float().mean())
+            nz = ref.abs() > 0
+            rel = (ref - got).abs()[nz] / ref.abs()[nz]
             rows.append({"name": name.removesuffix(".weight"), "format": fmt, "numel": p.numel(),
                          "identical_share": same,
                          "max_rel_diff": float(rel.max()) if rel.numel() else 0.0,
                          "mean_rel_diff": float(rel.mean()) if rel.numel() else 0.0,
-                         "rule": _explain(fmt, same, emu, got, b)})
+                         "identical_share_shared_global_scale": shared_same,
+                         "rule": _rule(fmt, same, shared_same)})
     return rows
 
 
