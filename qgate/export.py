@@ -108,24 +108,25 @@ class ExportedTensor:
 
 
 def _module_state(weight: torch.Tensor, fmt: Format) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(weight as qgate fake-quantizes it, its scales in compressed-tensors' layout) for one weight."""
+    """(weight as qgate fake-quantizes it, its scales in compressed-tensors' layout) for one weight. The
+    scales come from the reference backend's own scale functions, so they are the ones fake_quantize used."""
+    from qgate.backends import fake_quantize
     from qgate.backends import reference as ref
-    from qgate.encoding import code_to_element, decode, encode
 
-    enc = encode(weight.detach().to(torch.float32), fmt)
-    fq = decode(enc).to(torch.float32)
-    rows, last = weight.shape[0], weight.shape[-1]
+    x = weight.detach().to(torch.float32)
+    fq = fake_quantize(x, fmt, backend="reference")
     if fmt.scale in (ScaleKind.FP32_TENSOR, ScaleKind.FP32_CHANNEL):
-        scale = enc.tensor_scales.reshape(-1, 1) if fmt.scale is ScaleKind.FP32_CHANNEL else enc.tensor_scales.reshape(1)
-        return {"weight": fq, "weight_scale": scale.to(torch.float32)}, None
-    n_blocks = last // fmt.block_size
+        scale = ref.fp8_scales(x.reshape(-1, x.shape[-1]), per_row=fmt.scale is ScaleKind.FP32_CHANNEL)
+        return {"weight": fq, "weight_scale": scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1)}, None
+    xb, _ = ref._blocks(x, fmt.block_size)
+    amax = xb.abs().amax(dim=-1)
     if fmt.scale is ScaleKind.E8M0:
-        scale = ref.exact_pow2(enc.scales.to(torch.int32) - 127).reshape(rows, n_blocks)
-        return {"weight": fq, "weight_scale": scale}, None
-    s_block = code_to_element(enc.scales, E4M3).reshape(rows, n_blocks)
-    s_tensor = enc.tensor_scales.reshape(())
+        shared = ref.mx_shared_exponent(amax, fmt.element, fmt.scale_rule)
+        return {"weight": fq, "weight_scale": ref.exact_pow2(shared)}, None
+    s_tensor = ref.nvfp4_tensor_scale(x)
     if float(s_tensor) == 0.0:
         s_tensor = torch.ones((), dtype=torch.float32)
+    s_block = ref.nvfp4_block_scale(amax, s_tensor)
     g = nvfp4_global_scale(s_tensor, torch.unique(s_block))
     ulps = int(g.view(torch.int32)) - int((torch.ones(()) / s_tensor).view(torch.int32))
     return {"weight": fq, "weight_scale": s_block, "weight_global_scale": g}, ulps

@@ -119,7 +119,8 @@ def test_gate_a_checkpoint_candidate_end_to_end(tmp_path, tiny_dirs):
     evals = con.execute("SELECT COUNT(*) FROM evaluations WHERE quant_config_id=?", (qc[0][0],)).fetchone()[0]
     assert evals == 2
     html = (tmp_path / "r.html").read_text()
-    assert "mine" in html
+    assert "Emulation fidelity per tensor" in html and "nvfp4-pack-quantized" in html
+    assert "of elements identical to qgate&#39;s nvfp4" in html or "of elements identical to qgate's nvfp4" in html
     # an unchanged re-run finds every evaluation stored under the checkpoint's hash
     again = CliRunner().invoke(cli, args)
     assert json.loads(again.output[again.output.index("{\n"):])["evaluations_run"] == 0

@@ -133,13 +133,19 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_nvfp4_export_round_trips_through_the_cli(tmp_path):
+    """The real model through the command line; the first and last decoder blocks only (the whole path at a
+    fraction of the time: the other 28 blocks are the same code on the same shapes)."""
     from qgate.models import load
 
+    recipe = tmp_path / "ends.yaml"
+    recipe.write_text("name: ends\nrules:\n  - {match: 'layers\\.(0|29)\\.', format: $candidate}\n")
     out = tmp_path / "smollm2-nvfp4"
-    done = CliRunner().invoke(cli, ["export-checkpoint", "--format", "nvfp4", "-o", str(out), "--json"])
+    done = CliRunner().invoke(cli, ["export-checkpoint", "--format", "nvfp4", "--recipe", str(recipe), "-o", str(out),
+                                    "--json"])
     assert done.exit_code == 0, done.output
     info = json.loads(done.output[done.output.index("{"):])
-    assert len(info["tensors"]) == 30 * 7
+    assert len(info["tensors"]) == 2 * 7
     baseline = load("smollm2", device="cpu", dtype="float32", progress=False).model
-    bad, unchanged = mismatches(baseline, load_decompressed(out), "nvfp4")
+    bad, unchanged = mismatches(baseline, load_decompressed(out), "nvfp4",
+                                quantized=lambda name: ".layers.0." in name or ".layers.29." in name)
     assert bad == {} and unchanged == []
