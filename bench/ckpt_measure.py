@@ -1,6 +1,8 @@
 """SQNR and perplexity of qgate's round-to-nearest emulations and of quantized checkpoints, on one baseline.
 
-    python bench/ckpt_measure.py --formats mxfp4,nvfp4 --checkpoint NAME=DIR ... [--docs N] [--json out.json]
+    python bench/ckpt_measure.py --formats mxfp4,nvfp4,mxfp4@rot32 --checkpoint NAME=DIR ... [--docs N] [--json out.json]
+
+FORMAT@rotN is the format under the uniform recipe with qgate's block-wise Hadamard rotation of block N.
 
 Perplexity is the smoke suite's `perplexity` task (the gate's and `qgate quantize`'s), on the same documents
 for every row. SQNR is over the decoder blocks' linear weights against the baseline's (signal and noise
@@ -41,6 +43,7 @@ def main(argv=None) -> int:
     from qgate.models import load
     from qgate.ppl_check import perplexity_task
     from qgate.quantize import quantize_model
+    from qgate.recipes import load_recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="smollm2")
@@ -48,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR")
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-baseline", action="store_true", help="Skip the baseline's perplexity (measured before).")
     args = ap.parse_args(argv)
     task = perplexity_task()
     rows = []
@@ -57,15 +61,20 @@ def main(argv=None) -> int:
 
     loaded = load(args.family, device="cpu", dtype="float32", progress=False)
     base = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
-    t = time.time()
-    rows.append({"name": "baseline", "sqnr_db": None, "perplexity": ppl(loaded.model, loaded.tokenizer),
-                 "seconds": round(time.time() - t, 1)})
-    print(rows[-1], file=sys.stderr, flush=True)
+    if not args.no_baseline:
+        t = time.time()
+        rows.append({"name": "baseline", "sqnr_db": None, "perplexity": ppl(loaded.model, loaded.tokenizer),
+                     "seconds": round(time.time() - t, 1)})
+        print(rows[-1], file=sys.stderr, flush=True)
     for fmt in [f for f in args.formats.split(",") if f]:
         loaded.model.load_state_dict(base, strict=False)
         t = time.time()
-        result = quantize_model(loaded.model, fmt, "uniform", progress=False)
-        rows.append({"name": f"{fmt} RTN (qgate)", "sqnr_db": result.summary()["sqnr_db"],
+        name, _, rot = fmt.partition("@rot")
+        recipe = load_recipe("uniform") if not rot else load_recipe(
+            {"name": f"uniform-rot{rot}", "rules": [r.to_dict() for r in load_recipe("uniform").rules],
+             "rotation": int(rot)})
+        result = quantize_model(loaded.model, name, recipe, progress=False)
+        rows.append({"name": f"{name} RTN{' + rotation ' + rot if rot else ''} (qgate)", "sqnr_db": result.summary()["sqnr_db"],
                      "perplexity": ppl(loaded.model, loaded.tokenizer), "seconds": round(time.time() - t, 1)})
         print(rows[-1], file=sys.stderr, flush=True)
     loaded.model.load_state_dict(base, strict=False)

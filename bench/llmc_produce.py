@@ -11,7 +11,7 @@ environment, so it runs here, in a venv of its own, and only writes checkpoints 
 `fixture` builds a tiny random Qwen2 whose weights come from torch's generator alone (tiny_qwen2 below:
 no transformers initialisation, so every transformers release rebuilds the same baseline) and writes it
 with two schemes, data-free round-to-nearest: NVFP4A16 (nvfp4 weights) and FP8_DYNAMIC (fp8 per-channel
-weights, dynamic per-token fp8 activations). `model` runs a scheme on a saved model, optionally through
+weights, dynamic per-token fp8 activations), and NVFP4A16 through GPTQ. `model` runs a scheme on a saved model, optionally through
 GPTQ (calibrated on the first documents of the Paul Graham essays that qgate's perplexity task does not
 score: the essays after the first 8) and llm-compressor's QuIP Hadamard rotation (transform_block_size).
 
@@ -134,9 +134,12 @@ def fixture(out_root: Path) -> None:
         base = Path(tmp) / "base"
         tiny_qwen2().save_pretrained(base)
         byte_tokenizer().save_pretrained(base)
+        label = f"tiny_qwen2() of bench/llmc_produce.py (seed {FIXTURE_SEED})"
         for scheme in FIXTURE_SCHEMES:
-            produce(base, scheme, out_root / f"tiny-qwen2-{scheme.lower()}",
-                    source_label=f"tiny_qwen2() of bench/llmc_produce.py (seed {FIXTURE_SEED})")
+            produce(base, scheme, out_root / f"tiny-qwen2-{scheme.lower()}", source_label=label)
+        # a GPTQ-class candidate: NVFP4 weights chosen by GPTQ on 16 windows of 128 byte tokens
+        produce(base, "NVFP4A16", out_root / "tiny-qwen2-nvfp4a16-gptq", gptq=True, samples=16, seq_len=128,
+                source_label=label)
 
 
 def main(argv=None) -> int:

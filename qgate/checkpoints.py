@@ -165,6 +165,11 @@ def resolve_candidate(cand: CheckpointCandidate) -> ResolvedCandidate:
     if method != "compressed-tensors":
         raise QgateError(f"candidate {cand.name}: {config_file}: quantization_config.quant_method is {method!r}; "
                          f"qgate loads compressed-tensors checkpoints")
+    if qconfig.get("transform_config"):
+        raise QgateError(f"candidate {cand.name}: {config_file}: quantization_config.transform_config holds online "
+                         f"rotations (e.g. llm-compressor's QuIP/SpinQuant Hadamard transforms), which transformers' "
+                         f"dequantizing loader drops; qgate cannot run this checkpoint faithfully (use a checkpoint "
+                         f"without transforms, or qgate's own recipe rotation to emulate one)")
     ident = f"git:{directory.name}" if hub else f"sha256:{directory_hash(directory)}"
     groups, fmt = read_scheme(qconfig)
     return ResolvedCandidate(cand, directory, ident, qconfig, groups, fmt)

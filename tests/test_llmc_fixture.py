@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "llmc"
 NVFP4 = DATA / "tiny-qwen2-nvfp4a16"
 FP8 = DATA / "tiny-qwen2-fp8_dynamic"
+GPTQ = DATA / "tiny-qwen2-nvfp4a16-gptq"
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
 
 
@@ -36,7 +37,7 @@ def baseline():
 def test_fixture_is_small_and_says_who_made_it():
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     assert total < 2_000_000
-    for folder in (NVFP4, FP8):
+    for folder in (NVFP4, FP8, GPTQ):
         made = json.loads((folder / "qgate-producer.json").read_text())
         assert made["tool"] == "llmcompressor" and made["version"] == "0.14.0.1"
         assert json.loads((folder / "config.json").read_text())["quantization_config"]["version"] == "0.19.0"
@@ -74,7 +75,19 @@ def test_nvfp4_differs_from_qgate_only_by_the_fused_global_scale(baseline):
     assert 0.5 < fidelity_summary(list(rows.values()))["identical_share"] < 1
 
 
-def test_gate_both_llmc_checkpoints_with_the_cli(tmp_path):
+def test_gptq_weights_differ_from_round_to_nearest_beyond_any_scale_rule(baseline):
+    """GPTQ chooses other codes than round-to-nearest: no scale rule explains the difference."""
+    cand, _ = load_candidate(resolve_candidate(CheckpointCandidate("g", str(GPTQ))), "cpu", torch.float32,
+                             progress=False)
+    rows = fidelity(baseline, cand, "nvfp4")
+    assert len(rows) == 14
+    for r in rows:
+        assert r["identical_share"] < 0.95 and "GPTQ" in r["rule"]
+        # with llm-compressor's fused global scale the codes still differ from round-to-nearest's
+        assert (r["identical_share_shared_global_scale"] or r["identical_share"]) < 0.95
+
+
+def test_gate_the_llmc_checkpoints_with_the_cli(tmp_path):
     base = tmp_path / "base"
     producer().tiny_qwen2().save_pretrained(base)
     producer().byte_tokenizer().save_pretrained(base)
@@ -88,14 +101,32 @@ tasks:
   perplexity: {{metric: word_perplexity, min_recovery: 0.5, inconclusive: pass}}
 checkpoints:
   llmc-fp8: {FP8}
+  llmc-gptq: {{path: {GPTQ}, member: smollm2-135m-instruct}}
 """)
     done = CliRunner().invoke(cli, ["run", "--family", "smollm2", "--policy", str(pol), "--db", str(tmp_path / "q.db"),
                                     "--candidate", f"llmc-nvfp4={NVFP4}", "--json", "--no-report"])
     assert done.exit_code in (0, 1), done.output
     data = json.loads(done.output[done.output.index("{\n"):])
-    assert data["formats"] == ["llmc-nvfp4", "llmc-fp8"]  # the command line's, then the policy's
+    assert data["formats"] == ["llmc-nvfp4", "llmc-fp8", "llmc-gptq"]  # the command line's, then the policy's
     by_name = {c["name"]: c for c in data["candidates"]}
     assert by_name["llmc-fp8"]["fidelity"]["identical_share"] == 1.0
     assert 0.5 < by_name["llmc-nvfp4"]["fidelity"]["identical_share"] < 1
     assert {(t["format"], t["task"]) for t in data["tasks"]} == {
-        (f, t) for f in ("llmc-nvfp4", "llmc-fp8") for t in ("mmlu", "perplexity")}
+        (f, t) for f in ("llmc-nvfp4", "llmc-fp8", "llmc-gptq") for t in ("mmlu", "perplexity")}
+    assert by_name["llmc-gptq"]["fidelity"]["identical_share"] < 0.9
+
+
+def test_checkpoint_with_online_rotations_is_refused_in_one_line(tmp_path):
+    """llm-compressor's QuIP Hadamard transform adds online input rotations (transform_config) that
+    transformers' dequantizing loader drops (measured: logits 140% off on the tiny model): refused, not
+    gated wrongly."""
+    from qgate.errors import QgateError
+
+    folder = tmp_path / "rotated"
+    folder.mkdir()
+    config = json.loads((NVFP4 / "config.json").read_text())
+    config["quantization_config"]["transform_config"] = {"config_groups": {"v": {"type": "hadamard", "apply": [
+        {"location": "input", "targets": ["Linear"], "inverse": False}]}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QgateError, match="transform_config holds online rotations.*cannot run this checkpoint"):
+        resolve_candidate(CheckpointCandidate("rot", str(folder)))
