@@ -13,6 +13,7 @@ import click
 
 from qgate import __version__
 from qgate.crash import EXIT_INTERNAL, one_line, write_crash_log
+from qgate.checkpoints import parse_candidate_option
 from qgate.errors import QgateError, UsageError
 from qgate.evaluation.runner import evaluate_task, make_lm, print_results_table, select_tasks
 from qgate.evaluation.suite import load_suite, suite_task_names
@@ -208,11 +209,14 @@ MODEL_HELP = ("A model instead of a family's members: a hub id (owner/name, with
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Write JUnit XML: one test case per member x format x task.")
+@click.option("--candidate", "candidates", multiple=True, metavar="NAME=PATH",
+              help="Also gate a quantized checkpoint (compressed-tensors directory or hub id) as candidate NAME "
+                   "(repeatable; alone, only these are gated).")
 @click.option("--report/--no-report", default=True, help="Render the HTML report at the end (default: on).")
 @click.option("-o", "--output", "report_output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the HTML report (default: reports/<family>-<run>.html).")
 def run_cmd(family, model, revision, include_path, formats, member, suite, policy_path, db, backend, limit, device,
-            as_json, junit, report, report_output):
+            as_json, junit, report, report_output, candidates):
     """Quantize, evaluate baseline and candidates, apply the policy, record and report the decision.
 
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
@@ -233,7 +237,8 @@ def run_cmd(family, model, revision, include_path, formats, member, suite, polic
     try:
         result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
                           backend=backend, limit=limit, device=device, report=report, report_path=report_output,
-                          model=model, revision=revision, include_path=include_path)
+                          model=model, revision=revision, include_path=include_path,
+                          candidates=[parse_candidate_option(c) for c in candidates])
     except KeyboardInterrupt:
         click.echo("qgate: interrupted; the evaluations stored so far are reused by the next run", err=True)
         sys.exit(130)
@@ -365,6 +370,30 @@ def quantize_cmd(family, member, model_path, revision, fmt, recipe, backend, pro
         f"({100 * check['perplexity_change']:+.2f}%, {check['metric']}, task {check['task']}) on "
         f"{check['documents']} documents of {check['data']}"
     )
+
+
+@cli.command("export-checkpoint")
+@click.option("--family", default="smollm2", show_default=True, help="Model family.")
+@click.option("--member", default=None, help="Family member (default: the family's default).")
+@click.option("--model-path", default=None, type=click.Path(), help="Local model directory or .gguf file instead of the registered checkpoint.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--format", "fmt", required=True, help="Format ($candidate in the recipe): nvfp4, mxfp4, mxfp6_e2m3, mxfp8_e4m3 (and _rceil), fp8, fp8_channel.")
+@click.option("--recipe", default="uniform", show_default=True, help="Built-in recipe or a .yaml file.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="New or empty directory to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the written tensors and quantization_config as JSON.")
+def export_checkpoint_cmd(family, member, model_path, revision, fmt, recipe, output, as_json):
+    """Write a compressed-tensors checkpoint of the fake-quantized model (loads in vLLM and transformers)."""
+    from qgate.checkpoint_export import export_checkpoint
+
+    result = export_checkpoint(output, fmt, recipe, family=family, member=member, model_path=model_path,
+                               revision=revision, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({"directory": str(result.directory), "quantization_config": result.quantization_config,
+                               "tensors": [vars(t) for t in result.tensors]}, indent=2))
+        return
+    formats = sorted({t.compression for t in result.tensors})
+    click.echo(f"wrote {result.directory}: {len(result.tensors)} tensors in {', '.join(formats)} "
+               f"(compressed-tensors {result.quantization_config.get('version', '?')})")
 
 
 @cli.command("footprint")

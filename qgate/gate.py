@@ -70,6 +70,7 @@ class GateResult:
     report_path: str | None = None
     notes: list[str] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)  # per member: checkpoint id, source, provenance
+    candidates: list[dict] = field(default_factory=list)  # quantized checkpoints gated: scheme, hash, fidelity
     task_seconds: dict = field(default_factory=dict)  # (member, format, task) -> how long its evaluation took
 
     def to_dict(self) -> dict:
@@ -82,7 +83,8 @@ class GateResult:
                           for o in self.members for v in o.verdicts],
                 "evaluations_run": self.evaluations_run, "evaluations_cached": self.evaluations_cached,
                 "models_loaded": self.models_loaded, "seconds": round(self.seconds, 3),
-                "report": self.report_path, "notes": list(self.notes), "checkpoints": list(self.checkpoints)})
+                "report": self.report_path, "notes": list(self.notes), "checkpoints": list(self.checkpoints),
+                **({"candidates": list(self.candidates)} if self.candidates else {})})
 
 
 # ---- what a run is about, resolved before the database is touched ------------------------------------
@@ -105,12 +107,13 @@ class _Setup:
     backend_name: str
     device: Any
     dtype: Any
+    checkpoints: dict = field(default_factory=dict)  # candidate name -> qgate.checkpoints.ResolvedCandidate
 
 
 def _resolve(family: str | None, formats: Sequence[str] | None, member: str | None, suite: str | None,
              policy: str | os.PathLike | None, backend: str | None, limit: int | None,
              device: str | None, dtype: str | None, model: str | None = None, revision: str | None = None,
-             include_path: str | os.PathLike | None = None) -> _Setup:
+             include_path: str | os.PathLike | None = None, candidates: Sequence[Any] = ()) -> _Setup:
     if limit is not None and limit <= 0:
         raise QgateError(f"--limit {limit}: expected a positive number of samples per task")
     if family is None and model is None:
@@ -130,8 +133,9 @@ def _resolve(family: str | None, formats: Sequence[str] | None, member: str | No
     if family is not None and pol.family != family:
         raise QgateError(f"policy {pol.path} is for family {pol.family!r}, not {family!r}")
 
-    wanted = list(dict.fromkeys(formats or [c.format for c in pol.formats]))
-    if not wanted:
+    # checkpoint candidates: --candidate alone gates only those; the policy's join its formats
+    wanted = list(dict.fromkeys(formats or ([] if candidates else [c.format for c in pol.formats])))
+    if not wanted and not candidates and not pol.checkpoints:
         raise QgateError(f"no --format given and policy {pol.path} lists no candidate formats")
     checked = []
     for name in wanted:
@@ -169,7 +173,30 @@ def _resolve(family: str | None, formats: Sequence[str] | None, member: str | No
         raise QgateError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
     dt = resolve_dtype(dtype, dev)
     backend_obj = get_backend(backend, device=dev)
-    return _Setup(pol, checked, members, suite_obj, limit, backend_obj.name, dev, dt)
+    resolved = _resolve_checkpoints(pol, candidates, members)
+    return _Setup(pol, checked + list(resolved), members, suite_obj, limit, backend_obj.name, dev, dt, resolved)
+
+
+def _resolve_checkpoints(pol, candidates: Sequence[Any], members: list[_MemberPlan]) -> dict:
+    """name -> ResolvedCandidate for the command line's and the policy's checkpoints, each tied to a member."""
+    from dataclasses import replace as dc_replace
+
+    from qgate.checkpoints import resolve_candidate
+
+    out: dict = {}
+    names = [m.name for m in members]
+    for cand in (*candidates, *pol.checkpoints):
+        if cand.name in out:
+            continue  # the command line's entry wins over the policy's of the same name
+        if cand.member is None:
+            if len(members) != 1:
+                raise QgateError(f"candidate {cand.name}: {len(members)} members are gated ({', '.join(names)}); "
+                                 f"give --member, or the checkpoint's member in the policy")
+            cand = dc_replace(cand, member=members[0].name)
+        elif cand.member not in names:
+            continue  # a checkpoint of a member not gated in this run
+        out[cand.name] = resolve_candidate(cand)
+    return out
 
 
 def _check_hub_checkpoints(pol, member: str | None, model: str | None, revision: str | None) -> None:
@@ -256,12 +283,16 @@ class _Runner:
             store.put_task_config(self.task_ids[t.name], task=t.name, config=cfg)
         self.quant_ids: dict[str, str] = {}
         self.quant_configs: dict[str, dict] = {}
+        self.fidelity: dict[str, dict] = {}  # checkpoint candidate -> scheme and fidelity summary
 
     # -- keys --
 
     def quant_id(self, fmt: str) -> str | None:
         if fmt == BASELINE:
             return None
+        if fmt not in self.quant_ids and fmt in self.s.checkpoints:  # keyed by the checkpoint's content hash
+            self.quant_configs[fmt] = self.s.checkpoints[fmt].config()
+            self.quant_ids[fmt] = content_hash(self.quant_configs[fmt])
         if fmt not in self.quant_ids:
             choice = self.s.policy.format_choice(fmt)
             cfg = quant_config(fmt, choice.recipe, self.s.backend_name)
@@ -285,6 +316,10 @@ class _Runner:
         from qgate.models import load_member
 
         self.loaded = None  # drop the previous model before loading the next (memory)
+        if fmt in self.s.checkpoints:
+            lm = self._load_checkpoint(m, fmt)
+            self.loaded = (m.name, fmt, lm)
+            return lm
         started = time.perf_counter()
         lm = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=self.bar.enabled and self.bar.bar)
         self.models_loaded += 1
@@ -297,6 +332,33 @@ class _Runner:
             self._quantize(m, fmt, lm)
         self.loaded = (m.name, fmt, lm)
         return lm
+
+    def _load_checkpoint(self, m: _MemberPlan, name: str):
+        """A checkpoint candidate, dequantized; its fidelity to qgate's emulation of its format recorded once."""
+        from qgate.checkpoints import fidelity, fidelity_lines, fidelity_summary, load_candidate
+        from qgate.models import LoadedModel, load_member
+
+        cand = self.s.checkpoints[name]
+        started = time.perf_counter()
+        base = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=False)
+        model, tokenizer = load_candidate(cand, self.s.device, self.s.dtype, progress=True)
+        self.models_loaded += 1
+        rows = fidelity(base.model, model, cand.qgate_format) if cand.qgate_format else []
+        summary = {"scheme": cand.scheme_text(), "qgate_format": cand.qgate_format, "checkpoint": cand.checkpoint_id,
+                   "path": cand.candidate.location, "fidelity": fidelity_summary(rows) if cand.qgate_format else None}
+        lines = [f"checkpoint {cand.candidate.location} ({cand.checkpoint_id})", f"scheme: {cand.scheme_text()}",
+                 *fidelity_lines(cand.qgate_format, rows)]
+        self.store.put_quant_config(self.quant_id(name), format=name, recipe="checkpoint",
+                                    config=dict(self.quant_configs[name], scheme=cand.scheme,
+                                                quantization_config=cand.quantization_config),
+                                    stats=rows, summary=summary, log=lines)
+        self.fidelity[name] = summary
+        for line in lines:
+            self.bar.note(f"{name}: {line}")
+        self.bar.note(f"loaded candidate {name} in {time.perf_counter() - started:.1f} s")
+        return LoadedModel(model=model, tokenizer=tokenizer, spec=m.spec, checkpoint_hash=cand.checkpoint_id,
+                           device=next(model.parameters()).device, dtype=self.s.dtype,
+                           config_dict=model.config.to_dict())
 
     def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
         from qgate.quantize import quantize_model, summary_sqnr
@@ -396,7 +458,7 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
              device: str | None = None, dtype: str | None = None, report: bool = True,
              report_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
              model: str | None = None, revision: str | None = None,
-             include_path: str | os.PathLike | None = None) -> GateResult:
+             include_path: str | os.PathLike | None = None, candidates: Sequence[Any] = ()) -> GateResult:
     """Run the gate for ``family`` x ``formats``; returns what was decided (and records it in the store).
 
     model: a hub id, model directory or .gguf file gated instead of a family's members (the policy is
@@ -409,7 +471,7 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
     started = time.perf_counter()
     check_location(db)  # a database that cannot be written is found before anything else is read
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype, model, revision,
-                     include_path)
+                     include_path, candidates)
     family = setup.policy.family
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
     n_tasks = len(setup.suite.tasks)
@@ -464,6 +526,8 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
         base_keys = runner.ensure(m, BASELINE, "baseline")
         _check_baseline_finite(store, m, base_keys)
         for fmt in setup.formats:
+            if fmt in setup.checkpoints and setup.checkpoints[fmt].candidate.member != m.name:
+                continue  # a checkpoint is a candidate for the member it was made from only
             runner.requested = fmt
             outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
                                        on_decided=runner.note))
@@ -482,7 +546,17 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
                       exit_code=exit_code, members=outcomes, tasks=verdicts,
                       evaluations_run=runner.evaluations_run, evaluations_cached=runner.evaluations_cached,
                       models_loaded=runner.models_loaded, seconds=time.perf_counter() - started,
-                      checkpoints=checkpoints, task_seconds=runner.seconds)
+                      checkpoints=checkpoints, task_seconds=runner.seconds,
+                      candidates=[_candidate_row(store, runner, c) for c in setup.checkpoints.values()])
+
+
+def _candidate_row(store, runner, cand) -> dict:
+    """A checkpoint candidate for --json: its scheme, hash and fidelity (from the store when it was cached)."""
+    summary = runner.fidelity.get(cand.name)
+    if summary is None:
+        row = store.quant_config(runner.quant_id(cand.name)) or {}
+        summary = row.get("summary") or {}
+    return dict(cand.describe(), fidelity=summary.get("fidelity"))
 
 
 def _check_baseline_finite(store, m: _MemberPlan, base_keys: dict[str, str]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from qgate.canonical import content_hash
+from qgate.checkpoints import CheckpointCandidate, check_name
 from qgate.errors import QgateError
 from qgate import datadirs
 from qgate.families import Family, Member, get_family, list_families, parse_models, registered
@@ -30,7 +31,9 @@ from qgate.validation import YamlDoc, did_you_mean
 VERDICTS = ("pass", "fail", "inconclusive")
 INCONCLUSIVE_MEANS = ("pass", "fail", "warn")
 
-TOP_KEYS = ("family", "description", "models", "members", "suite", "formats", "fallback", "defaults", "tasks")
+TOP_KEYS = ("family", "description", "models", "members", "suite", "formats", "fallback", "defaults", "tasks",
+            "checkpoints")
+CHECKPOINT_KEYS = ("path", "member", "revision")
 MEMBER_KEYS = ("name", "model", "revision")
 FORMAT_KEYS = ("recipe",)
 FALLBACK_KEYS = ("format", "recipe")
@@ -104,6 +107,7 @@ class Policy:
     description: str = ""
     sources: tuple[str, ...] = field(default=())
     models: Family | None = None  # the family's members and where their weights come from
+    checkpoints: tuple[CheckpointCandidate, ...] = ()  # quantized checkpoints gated as candidates
 
 
     def task_policy(self, task: str) -> TaskPolicy:
@@ -122,7 +126,8 @@ class Policy:
         return {"family": self.family, "description": self.description, **models,
                 "members": [m.to_dict() for m in self.members], "suite": self.suite,
                 "formats": [f.to_dict() for f in self.formats], "fallback": [f.to_dict() for f in self.fallback],
-                "defaults": self.defaults.to_dict(), "tasks": {k: v.to_dict() for k, v in self.tasks.items()}}
+                "defaults": self.defaults.to_dict(), "tasks": {k: v.to_dict() for k, v in self.tasks.items()},
+                **({"checkpoints": [c.to_dict() for c in self.checkpoints]} if self.checkpoints else {})}
 
 
 # ---- finding files ------------------------------------------------------------------------------
@@ -262,8 +267,9 @@ def _build(doc: YamlDoc, default_doc: YamlDoc | None, family_from: str | None, *
     if suite_tasks is not None:
         _check_tasks_in_suite(suite, tasks, origin, suite_tasks)
 
+    checkpoints = _checkpoints(data.get("checkpoints"), origin)
     policy = Policy(family=family, members=members, suite=suite, formats=formats, fallback=fallback,
-                    defaults=defaults, tasks=tasks, path=str(doc.path), text=doc.text, hash="",
+                    defaults=defaults, tasks=tasks, path=str(doc.path), text=doc.text, hash="", checkpoints=checkpoints,
                     description=str(data.get("description") or ""),
                     sources=tuple(str(d.path) for d in (default_doc, doc) if d is not None), models=models)
     return replace(policy, hash=content_hash(policy.to_dict()))
@@ -312,6 +318,34 @@ def _members(raw: Any, models: Family | None, origin) -> tuple[MemberPolicy, ...
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise origin(path).error(path, f"member {sorted(dupes)[0]!r} is listed twice")
+    return tuple(out)
+
+
+def _checkpoints(raw: Any, origin) -> tuple[CheckpointCandidate, ...]:
+    """checkpoints: {NAME: PATH} or {NAME: {path, member, revision}}; a relative path is the policy file's."""
+    path = ("checkpoints",)
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise origin(path).error(path, "expected a mapping of candidate name -> checkpoint path (or {path, member})")
+    out = []
+    for name, entry in raw.items():
+        p = path + (name,)
+        d = origin(p)
+        try:
+            check_name(str(name), "checkpoints")
+        except QgateError as exc:
+            raise d.error(p, str(exc).removeprefix("checkpoints: ")) from None
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise d.error(p, f"expected a checkpoint path or {{path, member, revision}}, got {entry!r}")
+        d.check_keys(p, entry, CHECKPOINT_KEYS)
+        where = entry["path"]
+        local = Path(where).expanduser()
+        if where.startswith((".", "/", "~")) and not local.is_absolute():
+            where = str((d.path.parent / local).resolve())
+        out.append(CheckpointCandidate(str(name), where, _opt_str(entry.get("member")), _opt_str(entry.get("revision"))))
     return tuple(out)
 
 

@@ -141,13 +141,16 @@ class _TensorQuantizer:
 
 
 def _quantize_tensor(
-    target: Target, backend_for, promotion: Promotion | None, tensor_name: str
+    target: Target, backend_for, promotion: Promotion | None, tensor_name: str, rotation: int | None = None
 ) -> TensorStats:
     from qgate.formats import get_format
+    from qgate.rotation import hadamard_blocks
 
     fmt = get_format(target.format)
     param = target.param
     data = param.data
+    if rotation:  # quantize W H; H is orthogonal, so the error energy (SQNR) is the same in both bases
+        data.copy_(hadamard_blocks(data, rotation))
     last = data.shape[-1]
     rows = data.view(-1, last) if data.is_contiguous() else None
     if rows is None:  # unusual layouts: quantize through a contiguous copy written back at the end
@@ -195,6 +198,8 @@ def _quantize_tensor(
             rows[r0 : r0 + step].copy_(xq)
     if rows.data_ptr() != data.data_ptr():
         data.copy_(rows.view_as(data))
+    if rotation:  # back to the model's basis: Q(W H) H^T
+        data.copy_(hadamard_blocks(data, rotation))
 
     numel = data.numel()
     promoted_values = min(numel, promoted * block)
@@ -224,11 +229,22 @@ def _quantize_tensor(
 # --------------------------------------------------------------------------------------------
 
 
-def _activation_hook(fmt, backend):
+def _activation_hook(fmt, backend, rotation: int | None = None):
+    """Fake-quantize a Linear's input; with a rotation, Q(x H) H^T, so that the product with the rotated
+    weight Q(W H) H^T is Q(x H) Q(W H)^T. fmt None: rotation only (x H H^T)."""
+    from qgate.rotation import hadamard_blocks
+
     def hook(module, args):
         if not args or not isinstance(args[0], torch.Tensor):
             return None
-        return (backend.fake_quantize(args[0], fmt),) + tuple(args[1:])
+        x = args[0]
+        if rotation:
+            x = hadamard_blocks(x, rotation)
+        if fmt is not None:
+            x = backend.fake_quantize(x, fmt)
+        if rotation:
+            x = hadamard_blocks(x, rotation)
+        return (x,) + tuple(args[1:])
 
     return hook
 
@@ -408,6 +424,18 @@ def _untie(model: torch.nn.Module, plan: Plan) -> None:
             text_config.tie_word_embeddings = False
 
 
+def _rotation_for(target: Target, recipe: Recipe) -> int | None:
+    """The recipe's rotation block for a Linear's weight (embeddings and other tensors are not rotated)."""
+    if not recipe.rotation:
+        return None
+    if not all(isinstance(m, torch.nn.Linear) and attr == "weight" for m, attr in target.owners):
+        return None
+    if target.param.shape[-1] % recipe.rotation:
+        raise QgateError(f"recipe {recipe.name!r}: rotation block {recipe.rotation} does not divide {target.name}'s "
+                         f"{target.param.shape[-1]} input features")
+    return recipe.rotation
+
+
 def quantize_model(
     model: torch.nn.Module,
     fmt: str | None,
@@ -451,10 +479,11 @@ def quantize_model(
         check_support(first_backend, weight_format, name=backend)
 
     todo = [t for t in plan.targets if t.format is not None]
+    rotations = {id(t): _rotation_for(t, recipe) for t in todo}  # checked before any tensor changes
     bar = _Progress(len(todo), progress)
     stats: list[TensorStats] = []
     for i, target in enumerate(todo, 1):
-        stats.append(_quantize_tensor(target, backend_for, promotion, target.name))
+        stats.append(_quantize_tensor(target, backend_for, promotion, target.name, rotations[id(target)]))
         bar.step(i, target.name)
 
     stat_bytes = {id(t.param): s.bytes for t, s in zip(todo, stats)}
@@ -476,7 +505,7 @@ def quantize_model(
             weight_fmt = get_format(target.format if act_quant is True else act_quant)
             for module, attr in target.owners:
                 if isinstance(module, torch.nn.Linear) and attr == "weight":
-                    hook = _activation_hook(weight_fmt, backend_for(target.param.device))
+                    hook = _activation_hook(weight_fmt, backend_for(target.param.device), rotations[id(target)])
                     hooks.append(module.register_forward_pre_hook(hook))
     kv_name = None
     if kv_quant:

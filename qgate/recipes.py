@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 KEEP = "keep"
+ROTATION_BLOCKS = (16, 32, 64, 128, 256)  # qgate.rotation.BLOCK_SIZES (recipes import no torch)
 CANDIDATE = "$candidate"
 
 # --------------------------------------------------------------------------------------------
@@ -51,9 +52,15 @@ class Recipe:
     name: str
     rules: tuple[Rule, ...]
     description: str = ""
+    # block size of a Hadamard rotation applied to every quantized Linear before quantizing (weights W H,
+    # multiplied back by H^T; with activation quantization the inputs are rotated too); None: no rotation
+    rotation: int | None = None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "rules": [r.to_dict() for r in self.rules]}
+        d = {"name": self.name, "rules": [r.to_dict() for r in self.rules]}
+        if self.rotation:  # left out when absent, so recipes hash as they did before rotations existed
+            d["rotation"] = self.rotation
+        return d
 
     @property
     def uses_candidate(self) -> bool:
@@ -138,7 +145,11 @@ def _recipe_from_doc(doc: YamlDoc) -> Recipe:
     data = doc.data
     if not isinstance(data, dict):
         raise doc.error((), f"expected a mapping with 'name' and 'rules', got {type(data).__name__}")
-    doc.check_keys((), data, ("name", "rules", "description"))
+    doc.check_keys((), data, ("name", "rules", "description", "rotation"))
+    rotation = data.get("rotation")
+    if rotation is not None and (isinstance(rotation, bool) or rotation not in ROTATION_BLOCKS):
+        raise doc.error(("rotation",), f"expected a Hadamard block size, one of {', '.join(map(str, ROTATION_BLOCKS))}; "
+                                       f"got {rotation!r}")
     name = data.get("name", "custom")
     if not isinstance(name, str) or not name:
         raise doc.error(("name",), f"'name' must be a non-empty string, got {name!r}")
@@ -163,7 +174,7 @@ def _recipe_from_doc(doc: YamlDoc) -> Recipe:
         if not isinstance(optional, bool):
             raise doc.error(at + ("optional",), f"expected true or false, got {optional!r}")
         rules.append(Rule(pattern, fmt, optional))
-    return Recipe(name, tuple(rules), str(data.get("description", "")))
+    return Recipe(name, tuple(rules), str(data.get("description", "")), rotation)
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,6 +167,18 @@ def _summary_items(summary: dict) -> list[tuple[str, str]]:
         items.append((title, text))
     if summary.get("non_finite_tensors"):
         items.append(("non-finite tensors", ", ".join(map(str, summary["non_finite_tensors"]))))
+    if summary.get("scheme"):  # a checkpoint candidate: its scheme and how closely qgate emulates it
+        items.append(("scheme", str(summary["scheme"])))
+        items.append(("checkpoint", f"{summary.get('path')} ({summary.get('checkpoint')})"))
+        fid = summary.get("fidelity") or {}
+        if fid.get("tensors"):
+            items.append(("emulation fidelity",
+                          f"{fmt_percent(fid['identical_share'])} of elements identical to qgate's "
+                          f"{summary.get('qgate_format')} over {fid['tensors']} tensors "
+                          f"({fid.get('identical_tensors')} entirely); max rel. diff {fmt_num(fid['max_rel_diff'])}, "
+                          f"mean {fmt_num(fid['mean_rel_diff'])}"))
+        elif not summary.get("qgate_format"):
+            items.append(("emulation fidelity", "not a format qgate emulates"))
     untied = summary.get("untied")
     if untied:
         items.append(("untied", "; ".join(" / ".join(map(str, pair)) for pair in untied)))
