@@ -102,13 +102,19 @@ FORBIDDEN = {
     "qgate.review": {"qgate.gate", "qgate.quantize", "qgate.models"},
     "qgate.report": {"qgate.gate", "qgate.review", "qgate.quantize"},
     "qgate.store": {"qgate.gate", "qgate.review", "qgate.decide", "qgate.report"},
-    "qgate.model_files": {"qgate.gate"},  # headers only: the gate's checks and the loader read it
-    "qgate.offline": {"qgate.gate", "qgate.review", "qgate.evaluation"},
-    "qgate.crash": {"qgate.gate", "qgate.review", "qgate.evaluation"},
-    "qgate.noise": {"qgate.gate", "qgate.review", "qgate.evaluation"},
-    "qgate.families": {"qgate.gate", "qgate.review", "qgate.evaluation"},
-    "qgate.datadirs": {"qgate.review", "qgate.evaluation"},
-    "qgate.catalog": {"qgate.gate", "qgate.review", "qgate.evaluation"},
+    # reads the store only: no model, no evaluation, no decision
+    "qgate.export": {"qgate.gate", "qgate.quantize", "qgate.models", "qgate.evaluation", "qgate.review",
+                     "qgate.decide"},
+    "qgate.progress": {"qgate.gate", "qgate.evaluation", "qgate.models", "qgate.quantize", "qgate.store"},
+    "qgate.noise": {"qgate.gate", "qgate.evaluation", "qgate.models", "qgate.quantize", "qgate.store"},
+    # families are data: their parser reads files only, and never a model library or a later stage
+    "qgate.families": {"qgate.models", "qgate.policy", "qgate.evaluation", "qgate.store", "qgate.gate",
+                       "qgate.quantize", "qgate.decide"},
+    "qgate.datadirs": {"qgate.families", "qgate.policy", "qgate.evaluation", "qgate.models", "qgate.gate"},
+    "qgate.catalog": {"qgate.models", "qgate.quantize", "qgate.store", "qgate.gate", "qgate.evaluation.runner"},
+    # checked before anything loads: never a later stage
+    "qgate.offline": {"qgate.gate", "qgate.store", "qgate.decide", "qgate.models", "qgate.quantize"},
+    "qgate.model_files": {"qgate.gate", "qgate.store", "qgate.decide", "qgate.quantize", "qgate.evaluation"},
 }
 
 
@@ -133,9 +139,8 @@ COMMANDS_WITHOUT_A_MODEL = [
     ["report", "latest", "--db", "{db}", "-o", "{tmp}/r.html"],
     ["verify", "{tmp}/r.html", "--db", "{db}"],
     ["signoff", "latest", "--reviewer", "r", "--approve", "--db", "{db}", "-o", "{tmp}/s.html"],
-# commands that need no model: the module they run imports no torch (and no model library)
-NO_TORCH_COMMANDS = [["formats"], ["policy", "check"], ["policy", "show"], ["policy", "diff"], ["policy", "redecide"],
-                     ["report"], ["verify"], ["signoff"], ["export"], ["ls"]]
+    ["policy", "redecide", "latest", "--policy", "qgate/policies/smollm2.yaml", "--db", "{db}"],
+    ["export", "latest", "--lm-eval", "{tmp}/lm-eval", "--db", "{db}"],
 ]
 
 
