@@ -224,7 +224,7 @@ def test_eval_with_model_forms_directory_hub_id_and_revision(tmp_path, monkeypat
     for form in ([model_dir], ["tiny-org/tiny-model"], ["tiny-org/tiny-model", "--revision", commit]):
         out = tmp_path / "out.json"
         done = CliRunner().invoke(cli, ["eval", "--model", *map(str, form), "--tasks", "tiny_choice",
-                                        "--include-path", str(folder), "--json", str(out)])
+                                        "--include-path", str(folder), "--json-file", str(out)])
         assert done.exit_code == 0, done.output
         (result,) = json.loads(out.read_text())
         assert result["task"] == "tiny_choice" and result["n"] == 3 and result["primary_metric"] == "acc"
