@@ -8,9 +8,11 @@ One cluster serves the module; its two workers are started (and their imports pa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -47,13 +49,14 @@ tasks:
 """
 UNITS = 3  # baseline, nvfp4, fp8
 EVALUATIONS = 2 * UNITS  # 2 tasks each
+WAIT_S = 240  # seconds; a few on an idle machine, far more when many tests share its two cores
 
 
 def _warm():  # a worker imports what a unit needs once; later units reuse the process
-    import qgate.evaluation.runner  # noqa: F401
-    import qgate.executors.units  # noqa: F401
-    import qgate.models  # noqa: F401
-    import qgate.quantize  # noqa: F401
+    import importlib
+
+    for module in ("qgate.executors.units", "qgate.models", "qgate.quantize", "qgate.evaluation.runner"):
+        importlib.import_module(module)
 
     time.sleep(1)  # overlapping tasks: two workers, not one twice
     return os.getpid()
@@ -130,6 +133,14 @@ def stored(url: str) -> dict:
         engine.dispose()
 
 
+def copy_db(src: Path, dst: Path) -> Path:
+    con = sqlite3.connect(src)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    shutil.copy(src, dst)
+    return dst
+
+
 def count(db: Path, table: str) -> int:
     con = sqlite3.connect(db, timeout=30)
     try:
@@ -146,19 +157,27 @@ def local_run(policy, tmp_path_factory):
     return result, stored(str(db))
 
 
-def test_ray_stores_the_same_rows_and_decisions_as_the_local_executor(cluster, policy, local_run, tmp_path):
+@pytest.fixture(scope="module")
+def ray_run(cluster, policy, tmp_path_factory):
+    """A run through the Ray executor, counting forward passes in this (the driver's) process."""
     from test_gate import ForwardCounter
 
-    local, expected = local_run
-    assert local.exit_code == 1 and local.outcome == "blocked" and local.evaluations_run == EVALUATIONS
+    db = tmp_path_factory.mktemp("ray") / "ray.db"
     ex = Recording()
-    counter = ForwardCounter()  # the driver only plans and decides: no forward pass here
+    counter = ForwardCounter()
     try:
-        result = gate(policy, tmp_path / "ray.db", executor=ex)
+        result = gate(policy, db, executor=ex)
     finally:
         counter.close()
-    assert counter.calls == 0
-    assert stored(str(tmp_path / "ray.db")) == expected
+    return result, ex, db, counter.calls
+
+
+def test_ray_stores_the_same_rows_and_decisions_as_the_local_executor(ray_run, policy, local_run):
+    local, expected = local_run
+    assert local.exit_code == 1 and local.outcome == "blocked" and local.evaluations_run == EVALUATIONS
+    result, ex, db, forward_calls = ray_run
+    assert forward_calls == 0  # the driver only plans and decides
+    assert stored(str(db)) == expected
     assert (result.exit_code, result.outcome) == (local.exit_code, local.outcome)
     assert [t.decision.reason for t in result.tasks] == [t.decision.reason for t in local.tasks]
     assert result.evaluations_run == EVALUATIONS and result.evaluations_cached == 0
@@ -168,17 +187,36 @@ def test_ray_stores_the_same_rows_and_decisions_as_the_local_executor(cluster, p
     assert all(u.gpus == 0 for u in ex.units)  # CPU cluster
     assert {r.pid for r in ex.results} and os.getpid() not in {r.pid for r in ex.results}
 
-    again = gate(policy, tmp_path / "ray.db", executor=Recording())  # everything stored: no model loaded
+
+
+def test_a_rerun_through_ray_loads_nothing_and_links_every_stored_evaluation(ray_run, policy, tmp_path):
+    _, _, db, _ = ray_run
+    copy = tmp_path / "again.db"
+    copy_db(db, copy)
+    again = gate(policy, copy, executor=Recording())
     assert again.evaluations_run == 0 and again.evaluations_cached == EVALUATIONS and again.models_loaded == 0
+    con = sqlite3.connect(copy)
+    linked = con.execute("SELECT COUNT(*) FROM run_evaluations WHERE run_id = ?", (again.run_id,)).fetchone()[0]
+    con.close()
+    assert linked == EVALUATIONS  # the fallback's stored evaluations too, through its unit
 
 
-def test_two_workers_finishing_the_same_unit_leave_one_row(cluster, policy, tmp_path):
+def test_the_planned_path_runs_the_same_in_process(policy, local_run, tmp_path):
+    """The local executor runs the same units in this process: the same rows and decisions again."""
+    from qgate.executors.local import LocalExecutor
+
+    _, expected = local_run
+    result = gate(policy, tmp_path / "planned.db", executor=LocalExecutor())
+    assert result.exit_code == 1 and result.evaluations_run == EVALUATIONS
+    assert stored(str(tmp_path / "planned.db")) == expected
+
+
+def test_two_workers_finishing_the_same_unit_leave_one_row(cluster, ray_run, tmp_path):
     from qgate.executors.ray_executor import qgate_unit
 
-    ex = Recording()
-    db = tmp_path / "twice.db"
-    gate(policy, db, executor=ex)
-    unit = ex.units[1]  # nvfp4: load, quantize, evaluate both tasks
+    _, ex, source, _ = ray_run
+    db = copy_db(source, tmp_path / "twice.db")
+    unit = dataclasses.replace(ex.units[1], db_url=f"sqlite:///{db}")  # nvfp4: load, quantize, evaluate
     con = sqlite3.connect(db)
     keys = [t.key for t in unit.tasks]
     marks = ",".join("?" * len(keys))
@@ -236,13 +274,13 @@ def test_a_worker_killed_mid_unit_is_retried_and_nothing_is_lost_or_duplicated(c
     driver.start()
     try:
         # the first stored evaluation: its unit is now on its second task, the other unit on its first
-        _wait_for_rows(db, 1, 50, alive=driver.is_alive)
+        _wait_for_rows(db, 1, WAIT_S, alive=driver.is_alive)
         victims = _unit_workers()
         for proc in victims:
             os.kill(proc.pid, signal.SIGKILL)
         killed_at = time.time()
     finally:
-        driver.join(120)
+        driver.join(3 * WAIT_S)
     assert victims, "no worker was running a unit"
     result = outcome["result"]
     assert result.exit_code == 1 and result.outcome == "blocked"
@@ -267,7 +305,7 @@ def test_a_killed_driver_is_resumed_from_the_store(cluster, policy, local_run, t
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     try:
-        _wait_for_rows(db, 1, 55, alive=lambda: proc.poll() is None)
+        _wait_for_rows(db, 1, WAIT_S, alive=lambda: proc.poll() is None)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -317,3 +355,15 @@ def _json_value(value):
         except ValueError:
             return value
     return value
+
+
+def test_a_ray_address_without_the_ray_executor_is_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from qgate.cli import cli
+
+    db = tmp_path / "never.db"
+    out = CliRunner().invoke(cli, ["run", "--family", "smollm2", "--db", str(db), "--ray-address", "head:6379"])
+    assert out.exit_code == 2 and not db.exists()
+    assert out.output.strip().splitlines()[-1] == \
+        "qgate: error: --ray-address head:6379: only meaningful with --executor ray"
