@@ -48,9 +48,12 @@ MEMBER = "qwen2.5-7b-instruct"
 
 
 def qwen_tokenizer():
-    spec = importlib.util.spec_from_file_location("qgate_bench_eval", REPO / "bench" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sys.modules.get("qgate_bench_eval")
+    if module is None:  # bench/eval.py builds it (and caches it under .cache/): one recipe, not two
+        spec = importlib.util.spec_from_file_location("qgate_bench_eval", REPO / "bench" / "eval.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses in it look their module up while it loads
+        spec.loader.exec_module(module)
     return module.qwen_tokenizer()
 
 
@@ -150,15 +153,25 @@ def _materialize(model, device_map: dict, config) -> None:
                 param.zero_()
             else:
                 param.normal_(0.0, 0.02)
-    rope_device = device_map.get("model.rotary_emb", device_map.get("model", device_map.get("", "cpu")))
-    with torch.device(rope_device):  # its inv_freq buffer is computed, not loaded: build it again
+    with torch.device(device_map["model.rotary_emb"]):  # its inv_freq buffer is computed, not loaded: build it again
         model.model.rotary_emb = Qwen2RotaryEmbedding(config)
+
+
+def split_map(model, devices: list[str]) -> dict[str, str]:
+    """An accelerate device map: the decoder layers in equal runs over ``devices``, the embeddings with the
+    first run, the final norm and lm_head with the last (the split qgate's device_map="auto" load makes)."""
+    layers = len(model.model.layers)
+    per = -(-layers // len(devices))
+    out = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
+    out.update({f"model.layers.{i}": devices[i // per] for i in range(layers)})
+    out.update({"model.norm": devices[-1], "lm_head": devices[-1]})
+    return out
 
 
 def big_member(config_dict: dict, fmt: str, suite_path: str, limit: int | None) -> dict:
     """One Ray task: the member over every GPU it was given, quantized in place, evaluated."""
     import torch
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from qgate.evaluation.runner import evaluate_task
@@ -170,19 +183,13 @@ def big_member(config_dict: dict, fmt: str, suite_path: str, limit: int | None) 
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     bf16_bytes = sum(p.numel() * 2 for p in model.parameters())
     gpus = torch.cuda.device_count()
-    if gpus:
-        per_gpu = {i: int(torch.cuda.get_device_properties(i).total_memory * 0.9) for i in range(gpus)}
-        device_map = infer_auto_device_map(model, max_memory=per_gpu, dtype=torch.bfloat16,
-                                           no_split_module_classes=["Qwen2DecoderLayer"])
-        device_map = {k: (f"cuda:{v}" if isinstance(v, int) else v) for k, v in device_map.items()}
-        for i in range(gpus):
-            torch.cuda.reset_peak_memory_stats(i)
-    else:
-        device_map = {"": "cpu"}
+    # on the CPU (--tiny) the same split over two "devices" that are both the CPU: the same code path
+    device_map = split_map(model, [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu", "cpu"])
+    for i in range(gpus):
+        torch.cuda.reset_peak_memory_stats(i)
     started = time.perf_counter()
     _materialize(model, device_map, config)
-    if gpus > 1:
-        model = dispatch_model(model, device_map=device_map)  # hooks move activations between the GPUs
+    model = dispatch_model(model, device_map=device_map)  # hooks move activations between the devices
     model.eval()
 
     def peak() -> float | None:
@@ -246,6 +253,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.docs = args.docs or (2 if args.tiny else 16)
     args.chars = args.chars or (400 if args.tiny else 8000)
+    # Ray's workers start from this environment: they import this checkout's qgate, offline
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
