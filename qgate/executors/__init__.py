@@ -36,12 +36,13 @@ def get_executor(name: str | None, address: str | None = None):
 
 def member_gpus(spec, gpu_bytes: float | None, available: int) -> int:
     """GPUs a resolved member asks for, from its bf16 footprint (read from its config, no weights)."""
-    from qgate.footprint import footprint
+    from qgate.footprint import footprint, load_config
 
     try:
-        bf16 = footprint(spec.location, None, revision=spec.revision).bf16_bytes
+        config = load_config(spec.location, revision=spec.revision)
     except QgateError:  # no readable config (e.g. a hub id not cached): one GPU, as a local run would use
         return 1
+    bf16 = footprint(config, "bf16").bf16_bytes
     need = gpus_for(bf16, gpu_bytes)
     if need > available:
         raise QgateError(f"member {spec.member}: its bf16 weights ({bf16 / 2**30:.0f} GiB) need {need} GPUs of "
