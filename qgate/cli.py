@@ -206,6 +206,10 @@ MODEL_HELP = ("A model instead of a family's members: a hub id (owner/name, with
 @click.option("--backend", default=None, help="Quantization backend (default: the best for the device).")
 @click.option("--limit", type=int, default=None, help="At most N samples per task (caps the suite's limits).")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: each member x format a Ray task (results meet in --db).")
+@click.option("--ray-address", default=None,
+              help="Ray cluster to run on with --executor ray (default: $RAY_ADDRESS, else a local one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), default=None,
               help="Write JUnit XML: one test case per member x format x task.")
@@ -216,7 +220,7 @@ MODEL_HELP = ("A model instead of a family's members: a hub id (owner/name, with
 @click.option("-o", "--output", "report_output", type=click.Path(dir_okay=False), default=None,
               help="Where to write the HTML report (default: reports/<family>-<run>.html).")
 def run_cmd(family, model, revision, include_path, formats, member, suite, policy_path, db, backend, limit, device,
-            as_json, junit, report, report_output, candidates):
+            executor, ray_address, as_json, junit, report, report_output, candidates):
     """Quantize, evaluate baseline and candidates, apply the policy, record and report the decision.
 
     Results are stored by content hash: a re-run with the same inputs evaluates nothing again, and
@@ -238,7 +242,8 @@ def run_cmd(family, model, revision, include_path, formats, member, suite, polic
         result = run_gate(family, list(formats) or None, member=member, suite=suite, policy=policy_path, db=db,
                           backend=backend, limit=limit, device=device, report=report, report_path=report_output,
                           model=model, revision=revision, include_path=include_path,
-                          candidates=[parse_candidate_option(c) for c in candidates])
+                          candidates=[parse_candidate_option(c) for c in candidates],
+                          executor=executor, ray_address=ray_address)
     except KeyboardInterrupt:
         click.echo("qgate: interrupted; the evaluations stored so far are reused by the next run", err=True)
         sys.exit(130)

@@ -458,7 +458,8 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
              device: str | None = None, dtype: str | None = None, report: bool = True,
              report_path: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
              model: str | None = None, revision: str | None = None,
-             include_path: str | os.PathLike | None = None, candidates: Sequence[Any] = ()) -> GateResult:
+             include_path: str | os.PathLike | None = None, candidates: Sequence[Any] = (),
+             executor: Any = None, ray_address: str | None = None) -> GateResult:
     """Run the gate for ``family`` x ``formats``; returns what was decided (and records it in the store).
 
     model: a hub id, model directory or .gguf file gated instead of a family's members (the policy is
@@ -466,12 +467,48 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
     own lm-eval tasks.
 
     progress: None = a bar on a terminal, plain lines otherwise; False = silent.
+    executor: None or "local" = in this process, evaluating on demand; "ray" (or an executor object,
+    qgate.executors) = planned units run by that executor, decided afterwards from the store.
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
     started = time.perf_counter()
     check_location(db)  # a database that cannot be written is found before anything else is read
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype, model, revision,
                      include_path, candidates)
+    runs_units = None
+    if executor not in (None, "local") or ray_address:
+        runs_units = _start_executor(executor, ray_address, db)
+        try:
+            if device is None and runs_units.gpu_count() and setup.device.type != "cuda":  # workers have GPUs
+                setup = _resolve(family, formats, member, suite, policy, backend, limit, "cuda", dtype, model,
+                                 revision, include_path, candidates)
+        except BaseException:
+            runs_units.close()
+            raise
+    try:
+        return _gate(setup, db, progress, report, report_path, log, started, runs_units)
+    finally:
+        if runs_units is not None:
+            runs_units.close()
+
+
+def _start_executor(executor: Any, ray_address: str | None, db: str | None):
+    from qgate.executors import get_executor
+    from qgate.store import resolve_url
+
+    ex = get_executor(executor, ray_address) if executor is None or isinstance(executor, str) else executor
+    ex.start()
+    try:
+        if ex.nodes() > 1 and resolve_url(db).startswith("sqlite"):
+            raise QgateError(f"--db {resolve_url(db)}: a SQLite file is not shared by the cluster's "
+                             f"{ex.nodes()} machines; give a database URL they all reach (postgresql+psycopg://...)")
+    except BaseException:
+        ex.close()
+        raise
+    return ex
+
+
+def _gate(setup: _Setup, db, progress, report, report_path, log, started: float, runs_units) -> GateResult:
     family = setup.policy.family
     log = log or (lambda line: print(f"qgate: {line}", file=sys.stderr, flush=True))
     n_tasks = len(setup.suite.tasks)
@@ -500,7 +537,8 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
                                  revision=m.spec.revision, file_hash=m.file_hash,
                                  info={"source": m.spec.source, "description": m.spec.description or None})
         try:
-            result = _run(setup, store, run_id, bar, log, started)
+            result = (_run(setup, store, run_id, bar, log, started) if runs_units is None
+                      else _run_units(setup, store, run_id, bar, log, started, runs_units))
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             code = EXIT_USAGE if isinstance(exc, QgateError) else (None if status == "interrupted" else EXIT_INTERNAL)
@@ -532,7 +570,84 @@ def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateRes
             outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
                                        on_decided=runner.note))
     runner.loaded = None
+    return _finish(setup, store, run_id, runner, outcomes, started)
 
+
+def _run_units(setup: _Setup, store, run_id: int, bar, log, started: float, executor) -> GateResult:
+    """The planned run: units (baselines first, then the candidates that share them) go to the executor,
+    which stores their evaluations; the decision engine then reads stored evidence only. A chain that
+    needs a fallback's evidence gets those units in a further round."""
+    from qgate.executors import member_gpus
+    from qgate.executors.units import Unit, UnitTask
+
+    pol = setup.policy
+    runner = _Runner(setup, store, run_id, bar, log)
+    tasks = setup.suite.task_names()
+    by_name = {t.name: t for t in setup.suite.tasks}
+    on_gpu = setup.device.type == "cuda"
+    gpu_bytes = executor.gpu_bytes() if on_gpu else None
+    gpus = {m.name: member_gpus(m.spec, gpu_bytes, executor.gpu_count()) if on_gpu else 0 for m in setup.members}
+
+    def unit(m: _MemberPlan, fmt: str, role: str) -> Unit:
+        recipe = None if fmt == BASELINE else setup.policy.format_choice(fmt).recipe
+        return Unit(db_url=store.url, run_id=run_id, member=m.name, spec=m.spec, checkpoint_id=m.checkpoint_id,
+                    format=fmt, role=role, recipe=recipe, quant_id=runner.quant_id(fmt), backend=setup.backend_name,
+                    device="cuda" if on_gpu else str(setup.device),  # a worker's GPUs are the ones it was given
+                    dtype=str(setup.dtype).removeprefix("torch."), runtime=runner.runtime, version=runner.version,
+                    tasks=tuple(UnitTask(t, runner.key(m, fmt, t.name), runner.task_ids[t.name],
+                                         effective_limit(t, setup.limit)) for t in setup.suite.tasks),
+                    gpus=gpus[m.name])
+
+    def done(result) -> None:
+        for line in result.notes:
+            bar.note(line)
+        for t in result.found:
+            bar.step(f"{result.member} {result.format} {t}: cached")
+        for t in result.evaluated:
+            bar.step(f"{result.member} {result.format} {t}: done")
+        runner.models_loaded += result.loaded
+
+    def stored(m: _MemberPlan):
+        def source(member: str, fmt: str, role: str, task: str) -> Evidence | str:
+            if (member, fmt) not in ran:  # stored by an earlier run, perhaps: its unit links it to this one
+                return f"{member} {fmt}: not part of this run yet"
+            base_key, cand_key = runner.key(m, BASELINE, task), runner.key(m, fmt, task)
+            base, cand = store.evaluation(base_key), store.evaluation(cand_key)
+            if base is None or cand is None:
+                return f"{member} {fmt if base else BASELINE} {task}: not stored yet"
+            runner.seconds[(member, fmt, task)] = cand.get("duration_s")
+            return Evidence(store.samples(base_key), store.samples(cand_key), by_name[task].to_dict(),
+                            base.get("higher_is_better") or {})
+        return source
+
+    ran: set[tuple[str, str]] = set()
+    planned = [unit(m, BASELINE, "baseline") for m in setup.members]
+    planned += [unit(m, fmt, "candidate") for m in setup.members for fmt in setup.formats]
+    while planned:
+        executor.run(planned, done)
+        ran.update((u.member, u.format) for u in planned)
+        outcomes = [walk_chain(pol, m.name, fmt, tasks, stored(m)) for m in setup.members for fmt in setup.formats]
+        planned = []
+        for m in setup.members:
+            for o in (o for o in outcomes if o.member == m.name and o.outcome == "undecided"):
+                for fmt in dict.fromkeys(x.format for x in o.missing):
+                    if (m.name, fmt) in ran:
+                        raise RuntimeError(f"{m.name} {fmt}: its unit ran but left no stored evidence")
+                    if all(u.member != m.name or u.format != fmt for u in planned):
+                        bar.total += len(tasks)
+                        bar.note(f"{m.name}: {o.format} is blocked; trying fallback {fmt}")
+                        planned.append(unit(m, fmt, "fallback"))
+    for o in outcomes:
+        runner.note(o.verdicts)
+    linked = store.run_evaluations(run_id)
+    runner.evaluations_run = sum(1 for r in linked if not r["cached"])
+    runner.evaluations_cached = len(linked) - runner.evaluations_run
+    return _finish(setup, store, run_id, runner, outcomes, started)
+
+
+def _finish(setup: _Setup, store, run_id: int, runner: _Runner, outcomes: list[ChainOutcome],
+            started: float) -> GateResult:
+    pol = setup.policy
     verdicts = [v for o in outcomes for v in o.verdicts]
     store.record_decisions(run_id, policy_hash=pol.hash, decisions_rows=[v.row() for v in verdicts],
                            outcomes_rows=[o.to_dict() for o in outcomes])

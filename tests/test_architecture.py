@@ -79,6 +79,7 @@ def test_the_graph_is_read_from_the_code():
     graph = import_graph()
     assert "qgate.decide" in graph["qgate.gate"] and "qgate.decide" in graph["qgate.review.redecide"]
     assert "qgate.quantize" in graph["qgate.gate"]  # a function-level import counts too
+    assert {"qgate.store", "qgate.evaluation.runner"} <= graph["qgate.executors.units"]
 
 
 def test_cycle_detection_finds_a_planted_cycle():
@@ -97,11 +98,13 @@ FORBIDDEN = {
     "qgate.policy": {"qgate.store", "qgate.quantize", "qgate.evaluation", "qgate.models", "qgate.decide",
                      "qgate.gate", "qgate.review"},
     "qgate.decide": {"qgate.gate", "qgate.store", "qgate.review", "qgate.models", "qgate.quantize",
-                     "qgate.evaluation"},
+                     "qgate.evaluation", "qgate.executors"},
+    # executors run units and write to the store; deciding, reviewing and reporting happen elsewhere
+    "qgate.executors": {"qgate.gate", "qgate.decide", "qgate.review", "qgate.report", "qgate.policy"},
     "qgate.keys": {"qgate.gate", "qgate.review", "qgate.quantize", "qgate.models"},
     "qgate.review": {"qgate.gate", "qgate.quantize", "qgate.models"},
     "qgate.report": {"qgate.gate", "qgate.review", "qgate.quantize"},
-    "qgate.store": {"qgate.gate", "qgate.review", "qgate.decide", "qgate.report"},
+    "qgate.store": {"qgate.gate", "qgate.review", "qgate.decide", "qgate.report", "qgate.executors"},
     # reads the store only: no model, no evaluation, no decision
     "qgate.export": {"qgate.gate", "qgate.quantize", "qgate.models", "qgate.evaluation", "qgate.review",
                      "qgate.decide"},
