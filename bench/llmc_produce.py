@@ -51,17 +51,11 @@ def tiny_qwen2():
 
 
 def byte_tokenizer():
-    """tests/tiny.py's byte-level tokenizer (one token per byte), rebuilt here without importing qgate."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
+    """tests/tiny.py's byte-level tokenizer (one token per byte); tiny.py imports no qgate, so it loads here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import byte_tokenizer as tiny_byte_tokenizer
 
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    backend = Tokenizer(BPE(vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    return tiny_byte_tokenizer()
 
 
 def _recipe(scheme: str, gptq: bool, hadamard: int | None, ignore=("lm_head",)):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +22,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from qgate.cli import cli
+from tiny import copy_db
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
@@ -54,14 +54,6 @@ def counts(db: Path) -> dict:
                 for t in ("evaluations", "samples", "runs", "run_evaluations", "decisions", "outcomes")}
     finally:
         con.close()
-
-
-def copy_db(src: Path, dst: Path) -> Path:
-    con = sqlite3.connect(src)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    shutil.copy(src, dst)
-    return dst
 
 
 class ForwardCounter:

@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -29,6 +28,7 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from qgate.executors.ray_executor import RayExecutor  # noqa: E402
+from tiny import copy_db  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
@@ -131,14 +131,6 @@ def stored(url: str) -> dict:
             }
     finally:
         engine.dispose()
-
-
-def copy_db(src: Path, dst: Path) -> Path:
-    con = sqlite3.connect(src)
-    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    con.close()
-    shutil.copy(src, dst)
-    return dst
 
 
 def count(db: Path, table: str) -> int:

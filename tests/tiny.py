@@ -1,6 +1,11 @@
-"""Small real building blocks for tests: an offline byte-level tokenizer for tiny random models."""
+"""Small real building blocks for tests: an offline byte-level tokenizer for tiny random models, and a
+consistent copy of a SQLite store."""
 
 from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
 
 
 def byte_tokenizer():
@@ -16,3 +21,12 @@ def byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+def copy_db(src: Path, dst: Path) -> Path:
+    """A copy of a SQLite store with its write-ahead log folded in first."""
+    con = sqlite3.connect(src)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    shutil.copy(src, dst)
+    return dst
