@@ -397,8 +397,8 @@ class Store:
             if inserted:
                 for i in range(0, len(sample_rows), 500):
                     conn.execute(samples.insert(), sample_rows[i:i + 500])
-                if lm_eval_log is not None:
-                    conn.execute(lm_eval_logs.insert().values(
+                if lm_eval_log is not None:  # ignored if a log of this key outlived its evaluation row
+                    self._insert_ignore(conn, lm_eval_logs, dict(
                         evaluation_id=key, results=json_safe(lm_eval_log["results"]),
                         samples=json_safe(lm_eval_log["samples"])))
             if run_link is not None:

@@ -360,7 +360,7 @@ def test_cli_unknown_member_missing_and_corrupt_checkpoints_exit_2(tmp_path):
     code, _, err = _invoke(["quantize", "--model-path", str(bad), "--format", "nvfp4", "--docs", "1"])
     assert code == 2 and f"{bad}: not a GGUF file" in err and "converting" not in err
     code, _, err = _invoke(["quantize", "--family", "qwen2.5", "--format", "nvfp4"])
-    assert code == 2 and "Qwen/Qwen2.5-0.5B-Instruct" in err and "--model-path" in err
+    assert code == 2 and "Qwen/Qwen2.5-0.5B-Instruct" in err and "--model DIR" in err
 
 
 def test_cli_recipe_rule_matching_nothing_exits_2(tiny_dir, tmp_path):

@@ -213,7 +213,8 @@ def test_two_workers_finishing_the_same_unit_leave_one_row(cluster, ray_run, tmp
     keys = [t.key for t in unit.tasks]
     marks = ",".join("?" * len(keys))
     n_samples = con.execute(f"SELECT COUNT(*) FROM samples WHERE evaluation_id IN ({marks})", keys).fetchone()[0]
-    for table, column in (("samples", "evaluation_id"), ("run_evaluations", "evaluation_id"), ("evaluations", "id")):
+    for table, column in (("samples", "evaluation_id"), ("run_evaluations", "evaluation_id"),
+                          ("lm_eval_logs", "evaluation_id"), ("evaluations", "id")):
         con.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", keys)
     con.commit()
     con.close()

@@ -19,10 +19,10 @@ MAX_RETRIES = 3  # attempts after a worker dies mid-unit
 
 def qgate_unit(unit: Unit) -> UnitResult:
     """The Ray task (its worker's process title reads ``ray::qgate_unit`` while it runs)."""
-    from qgate.progress import quiet_library_bars
+    from qgate.progress import hidden_library_bars
 
-    quiet_library_bars()  # a worker's output is a log (Ray forwards it to the driver): no bar redraws
-    return run_unit(unit)
+    with hidden_library_bars():  # a worker's output is a log (Ray forwards it to the driver): no bar redraws
+        return run_unit(unit)
 
 
 def _gpu_memory() -> int:
