@@ -93,7 +93,7 @@ def test_json_means_stdout_json_on_every_command_that_has_it(tmp_path):
                               policy_hash="p", policy_text="", policy_path="p.yaml", versions={}, host="h", pid=1,
                               git_revision=None, backend="reference", device="cpu", sample_limit=None)
         store.finish_run(run, status="completed", outcome="ships", exit_code=0)
-    policy = str(REPO / "policies" / "smollm2.yaml")
+    policy = str(REPO / "qgate" / "policies" / "smollm2.yaml")
     for args in (["formats", "--json"], ["policy", "show", "smollm2", "--json"],
                  ["policy", "diff", policy, policy, "--db", str(db), "--json"],
                  ["footprint", "--model", str(config), "--format", "mxfp4", "--json"]):

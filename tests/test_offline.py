@@ -47,5 +47,6 @@ def test_a_hub_checkpoint_without_a_local_copy_fails_at_once_and_writes_nothing(
     assert done.returncode == 2, done.stderr
     assert seconds < 30
     [line] = qgate_lines(done.stderr)
-    assert line.startswith("qgate: error: checkpoint Qwen/Qwen2.5-0.5B-Instruct@main is not available offline")
+    assert line.startswith("qgate: error: checkpoint Qwen/Qwen2.5-0.5B-Instruct@main is not in the local Hugging Face cache and ")
+    assert "--model DIR" in line
     assert "Traceback" not in done.stderr and not list(tmp_path.glob("q.db*"))

@@ -34,7 +34,7 @@ def test_a_recipe_file_names_file_line_key_and_the_close_name(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: mine\nrulez:\n  - {match: 'q_proj$', format: nvfp4}\n")
     assert message_of(load_recipe, str(path)) == (
-        f"{path}:2: rulez: unknown key (did you mean 'rules'?); expected one of: name, rules, description")
+        f"{path}:2: rulez: unknown key (did you mean 'rules'?); expected one of: name, rules, description, rotation")
     path.write_text("name: mine\nrules:\n  - {match: 'q_proj$', format: nvfp5}\n")
     assert re.match(rf"{re.escape(str(path))}:3: rules\[0\]\.format: unknown format 'nvfp5' \(did you mean 'nvfp4'\?\)",
                     message_of(load_recipe, str(path)))
