@@ -218,10 +218,10 @@ def _hub_config(repo: str, revision: str | None):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from qgate.hub import offline_mode
+    from qgate.offline import hub_offline
 
     try:
-        offline = offline_mode()  # no waiting out the hub's retries without network
+        offline = hub_offline()  # no waiting out the hub's retries without network
         path = hf_hub_download(repo, "config.json", revision=revision, local_files_only=offline)
     except LocalEntryNotFoundError:
         raise QgateError(

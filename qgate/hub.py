@@ -8,18 +8,10 @@ loads.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from qgate.errors import QgateError
 from qgate.families import is_hub_id
-
-
-def offline_mode() -> bool:
-    """Offline declared or the hub unreachable (qgate.offline decides once per process)."""
-    from qgate.offline import hub_offline
-
-    return hub_offline()
 
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "tokenizer*"]

@@ -18,11 +18,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 
 from qgate.cli import cli
-from tiny import copy_db
+from tiny import copy_db, pg_schema
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
@@ -291,25 +290,13 @@ def test_two_runs_on_one_sqlite_file_both_complete(first_run, gate_dir, tmp_path
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("QGATE_TEST_PG_URL"), reason="set QGATE_TEST_PG_URL to run against PostgreSQL")
 def test_gate_on_postgresql_reuses_its_cache(first_run, gate_dir):
-    import uuid
-
     from qgate.gate import run_gate
 
-    url = os.environ["QGATE_TEST_PG_URL"]
-    schema = f"qgate_gate_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(url)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    db = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-    try:
+    with pg_schema(os.environ["QGATE_TEST_PG_URL"], "qgate_gate") as db:
         first = run_gate("smollm2", ["nvfp4"], policy=gate_dir / "loose.yaml", db=db, progress=False, report=False)
         second = run_gate("smollm2", ["nvfp4"], policy=gate_dir / "loose.yaml", db=db, progress=False, report=False)
         assert first.evaluations_run == 4 and second.evaluations_run == 0 and second.models_loaded == 0
         assert [t.decision.reason for t in first.tasks] == [t.decision.reason for t in second.tasks]
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 # ---- output helpers (no model) --------------------------------------------------------------------

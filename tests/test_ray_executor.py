@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from qgate.executors.ray_executor import RayExecutor  # noqa: E402
-from tiny import copy_db  # noqa: E402
+from tiny import copy_db, pg_schema  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
@@ -321,12 +320,7 @@ PG_URL = os.environ.get("QGATE_TEST_PG_URL")
 @pytest.mark.skipif(not PG_URL, reason="set QGATE_TEST_PG_URL to run against PostgreSQL")
 def test_ray_workers_write_to_postgresql(cluster, policy, local_run):
     _, expected = local_run
-    schema = f"qgate_ray_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
-    try:
+    with pg_schema(PG_URL, "qgate_ray") as url:
         result = gate(policy, url)
         assert result.exit_code == 1 and result.evaluations_run == EVALUATIONS
         got = stored(url)
@@ -335,10 +329,6 @@ def test_ray_workers_write_to_postgresql(cluster, policy, local_run):
             return sorted((tuple(_json_value(v) for v in r) for r in rows), key=str)
         for table in expected:
             assert norm(got[table]) == norm(expected[table]), table
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _json_value(value):

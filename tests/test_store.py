@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,8 @@ from qgate.errors import QgateError
 from qgate.keys import evaluation_key
 from qgate.store import open_store
 
+from tiny import pg_schema  # noqa: E402
+
 PG_URL = os.environ.get("QGATE_TEST_PG_URL")
 
 
@@ -35,15 +36,8 @@ def store_url(request, tmp_path):
         return
     if not PG_URL:
         pytest.skip("set QGATE_TEST_PG_URL=postgresql+psycopg://user:pw@host/db to run against PostgreSQL")
-    schema = f"qgate_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+    with pg_schema(PG_URL, "qgate_test") as url:
+        yield url
 
 
 def _fill_refs(s, ckpt="c" * 64, task_cfg="t" * 64, quant="q" * 64):

@@ -1,9 +1,11 @@
-"""Small real building blocks for tests: an offline byte-level tokenizer for tiny random models, and a
-consistent copy of a SQLite store."""
+"""Small real building blocks for tests: an offline byte-level tokenizer for tiny random models, a
+consistent copy of a SQLite store, and a throw-away schema on a PostgreSQL server."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import uuid
 import sqlite3
 from pathlib import Path
 
@@ -30,3 +32,20 @@ def copy_db(src: Path, dst: Path) -> Path:
     con.close()
     shutil.copy(src, dst)
     return dst
+
+
+@contextlib.contextmanager
+def pg_schema(base_url: str, prefix: str):
+    """A throw-away schema on the PostgreSQL server at ``base_url``; yields a URL whose search_path is it."""
+    import sqlalchemy as sa
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(base_url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        yield f"{base_url}{'&' if '?' in base_url else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
