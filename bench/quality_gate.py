@@ -1,13 +1,17 @@
 """The real-model gate as a benchmark: a family member x candidate formats on a suite sized to decide.
 
-Spreads the work over the GPUs of one machine by task (each GPU evaluates its share of the suite's tasks
-for every format, in its own `qgate run` process on one shared SQLite store), then runs the full gate once
-more: every evaluation is then in the store, so that run only decides, renders the report and prints JSON.
+Spreads the work over the GPUs of one machine as one `qgate run` process per task x format, all on one
+shared SQLite store: for each task, the first format's process evaluates the baseline too; once it has, the
+other formats' processes for that task start together (a baseline is computed once, never raced). Processes
+go round-robin over the GPUs, at most --procs-per-gpu at a time on each (one process keeps an H200 about
+15% busy; three or four fill it). Then the full gate runs once more: every evaluation is in the store, so
+that run only decides, renders the report and prints JSON. Evaluations already in the store (--db) are
+not repeated, so a larger suite reuses whatever tasks did not change.
 The "mixed-fp4" candidate (the mixed-fp4 recipe around nvfp4) is gated through a second policy file,
 derived from the family's, because a policy names each format once.
 
 Writes into --out: gate-<policy>.json, report-<policy>.html, quality.md (per format x task: scores, delta,
-interval, p, decision, n, evaluation time; the family verdict), gpu-<i>.log.
+interval, p, decision, n, evaluation time; the family verdict), log-<task>-<format>.txt.
 
     python bench/quality_gate.py --family qwen2.5-coder --member qwen2.5-coder-0.5b-instruct \
         --suite standard-offline --gpus 2 --db /tmp/quality.db --out /tmp/quality
@@ -18,10 +22,12 @@ On one CPU-only machine pass --gpus 1 --device cpu (and --limit N to keep it sho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,21 +43,57 @@ def qgate(*args: str) -> list[str]:
     return [sys.executable, "-c", "from qgate.cli import main; main()", *args]
 
 
-def split_suite(suite_path: Path, parts: int, out: Path) -> list[Path]:
+def task_suites(suite_path: Path, out: Path) -> dict[str, Path]:
+    """One suite file per task of the suite (same task entries, so the same evaluation keys)."""
     suite = yaml.safe_load(suite_path.read_text())
-    groups: list[list[dict]] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for task in sorted(suite["tasks"], key=lambda t: -COST.get(t["name"], 2)):
-        i = load.index(min(load))
-        groups[i].append(task)
-        load[i] += COST.get(task["name"], 2)
-    paths = []
-    for i, tasks in enumerate(groups):
-        part = {**suite, "suite": f"{suite['suite']}-part-{chr(97 + i)}", "tasks": tasks}
-        path = out / f"suite-part{i}.yaml"
-        path.write_text(yaml.safe_dump(part, sort_keys=False))
-        paths.append(path)
+    paths = {}
+    for task in suite["tasks"]:
+        path = out / f"suite-{task['name']}.yaml"
+        path.write_text(yaml.safe_dump({**suite, "suite": f"{suite['suite']}-{task['name']}".replace("_", "-"),
+                                        "tasks": [task]}, sort_keys=False))
+        paths[task["name"]] = path
     return paths
+
+
+class GpuSlots:
+    """Round-robin GPU choice with at most `per_gpu` processes on each at once."""
+
+    def __init__(self, gpus: int, per_gpu: int):
+        self._next = itertools.cycle(range(gpus))
+        self._free = {g: threading.Semaphore(per_gpu) for g in range(gpus)}
+        self._lock = threading.Lock()
+
+    def run(self, cmd: list[str], env: dict, log: Path, device: str) -> int:
+        with self._lock:
+            gpu = next(self._next)
+        with self._free[gpu]:
+            env = dict(env)
+            if device == "cuda":
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            with open(log, "w") as fh:
+                return subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+
+
+def evaluate_all(jobs: dict[str, list[tuple[str, list[str]]]], slots: GpuSlots, device: str, out: Path) -> None:
+    """jobs: task -> [(label, qgate run args)], the first of each list also computing the task's baseline."""
+
+    def chain(task: str, runs: list[tuple[str, list[str]]]) -> None:
+        first, rest = runs[0], runs[1:]
+        slots.run(qgate(*first[1]), os.environ, out / f"log-{task}-{first[0]}.txt", device)
+        threads = [threading.Thread(target=slots.run, args=(qgate(*args), os.environ,
+                                                             out / f"log-{task}-{label}.txt", device))
+                   for label, args in rest]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(f"{task}: evaluated", flush=True)
+
+    chains = [threading.Thread(target=chain, args=(task, runs)) for task, runs in jobs.items()]
+    for t in chains:
+        t.start()
+    for t in chains:
+        t.join()
 
 
 def mixed_policy(family: str, out: Path) -> Path:
@@ -70,6 +112,7 @@ def main() -> int:
     ap.add_argument("--suite", default="standard-offline")
     ap.add_argument("--formats", nargs="+", default=FORMATS)
     ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--procs-per-gpu", type=int, default=4, help="qgate processes sharing one GPU at a time")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--limit", type=int)
     ap.add_argument("--db", required=True)
@@ -85,19 +128,15 @@ def main() -> int:
     fmt_args = [a for f in args.formats for a in ("--format", f)]
     started = time.time()
     if not args.finalize_only:
-        procs = []
-        for i, part in enumerate(split_suite(suite_path, args.gpus, args.out)):
-            env = dict(os.environ)
-            if args.device == "cuda":
-                env["CUDA_VISIBLE_DEVICES"] = str(i)
-            log = open(args.out / f"gpu-{i}.log", "w")
-            script = (subprocess.list2cmdline(qgate("run", *common, "--suite", str(part), *fmt_args, "--no-report"))
-                      + "; " + subprocess.list2cmdline(qgate("run", *common, "--suite", str(part), "--policy",
-                                                              str(mixed), "--format", "nvfp4", "--no-report")))
-            procs.append(subprocess.Popen(["bash", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=ROOT))
-        for p in procs:
-            p.wait()
+        # the costliest tasks start first, so their chains are not the last to finish
+        tasks = sorted(task_suites(suite_path, args.out).items(), key=lambda kv: -COST.get(kv[0], 2))
+        jobs = {}
+        for task, part in tasks:
+            runs = [(f, ["run", *common, "--suite", str(part), "--format", f, "--no-report"]) for f in args.formats]
+            runs.append(("mixed-fp4", ["run", *common, "--suite", str(part), "--policy", str(mixed),
+                                       "--format", "nvfp4", "--no-report"]))
+            jobs[task] = runs
+        evaluate_all(jobs, GpuSlots(args.gpus, args.procs_per_gpu), args.device, args.out)
         print(f"evaluations done in {time.time() - started:.0f} s", flush=True)
     results = {}
     for name, extra in (("main", fmt_args), ("mixed", ["--policy", str(mixed), "--format", "nvfp4"])):
