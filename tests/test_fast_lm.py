@@ -243,6 +243,60 @@ def test_bench_saves_the_suite_requests(tmp_path):
     assert loaded["mmlu"][5].args == tuple(saved["mmlu"][5]["args"]) and loaded["mmlu"][5].doc_id == saved["mmlu"][5]["doc_id"]
 
 
+def test_profiled_fastlm_splits_its_time_into_phases_and_answers_the_same(tiny):
+    model, tokenizer = tiny
+    reqs = choice_requests(["Shared few-shot prefix of the questions. " * 2], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " yy"])
+    gens = [gen(i, p, max_gen_toks=10) for i, p in enumerate(PROMPTS[:4])]
+    plain, profiled = FastLM(model, tokenizer, min_shared_prefix=8), FastLM(model, tokenizer, min_shared_prefix=8,
+                                                                          profile=True, max_batch=3)
+    assert plain.phases is None  # off: nothing is timed
+    assert profiled.loglikelihood(reqs, disable_tqdm=True) == plain.loglikelihood(reqs, disable_tqdm=True)
+    assert profiled.generate_until(gens, disable_tqdm=True) == plain.generate_until(gens, disable_tqdm=True)
+    assert plain.phases is None
+    phases = profiled.phases
+    for name in ("ll batch build", "ll forward (shared prefixes)", "ll forward", "ll cache copies (prefix KV per row)",
+                 "ll head + log-softmax", "gen prefill (each prompt alone)", "gen cache copies (prompt KV into its slot)",
+                 "gen decode forward (one-row products, per-row attention)", "gen stop checks",
+                 "gen head (batched head, bound, one-row recompute of contenders)"):
+        assert phases[name] > 0, name
+    assert abs(phases["gen prefill (each prompt alone)"] - profiled.stats["prefill_s"]) < 0.05
+
+
+def test_bench_compares_fastlm_with_every_stock_batch_size(tiny):
+    """bench/eval.py on a tiny model: each stock HFLM configuration and FastLM answer the same requests;
+    the ratio is taken against the fastest stock configuration; FastLM's phases are recorded."""
+    from qgate.cli import _bench_module
+
+    bench = _bench_module("eval")
+    model, tokenizer = tiny
+    lls = choice_requests(["Shared few-shot prefix of the questions. " * 2], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " yy"])
+    gens = [gen(i, p, max_gen_toks=8) for i, p in enumerate(PROMPTS[:3])]
+    rows = [bench.bench_task(name, bench.requests_runner(reqs), model, tokenizer, ["1", "2"],
+                             {"min_shared_prefix": 8, "profile": True}, None, 64, True)
+            for name, reqs in (("mc", lls), ("gen", gens))]
+    for row, reqs in zip(rows, (lls, gens)):
+        assert [s.batch_size for s in row.stock] == ["1", "2"]
+        assert row.requests == len(reqs) and row.identical
+        assert all(s.identical_requests == len(reqs) for s in row.stock)
+        assert row.best().wall_s == min(s.wall_s for s in row.stock)
+        assert row.speedup == pytest.approx(row.best().wall_s / row.fast_s)
+        assert row.fast_phases and sum(row.fast_phases.values()) <= row.fast_lm_s + 1e-6
+    assert rows[0].stock[0].max_ll_diff <= LL_TOL
+    assert rows[1].kind == "generate_until" and rows[1].stock[0].max_ll_diff is None
+    data = bench.to_json(rows, {"device": "cpu"})
+    assert [r["best_stock"] for r in data["rows"]] == [r.best().batch_size for r in rows]
+    table = bench.format_table(rows, {})
+    assert "HFLM bs=1 s" in table and "HFLM bs=2 s" in table and "FastLM phases" in table
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "16,auto:2", "-1"])
+def test_bench_rejects_a_stock_batch_size_that_is_not_one(bad):
+    from qgate.cli import _bench_module
+
+    with pytest.raises(SystemExit, match="--stock"):
+        _bench_module("eval").parse_stock(bad)
+
+
 def test_bf16_models_score_in_float32_as_hflm_with_a_float32_softmax(tiny):
     """In bf16 a summed loglikelihood rounds to bf16's spacing (a perplexity moves by percents); FastLM
     computes log-probabilities in float32: equal to HFLM(softmax_dtype="float32"), not to HFLM's default."""

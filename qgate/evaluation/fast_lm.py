@@ -335,6 +335,29 @@ def _progress(total: int, desc: str, disable: bool, report=None):
     return tqdm(total=total, desc=desc, disable=disable or not use_bar(), leave=False)
 
 
+class _PhaseTimer:
+    """Adds the wall time of a `with` block to phases[name] (after a synchronize on a GPU)."""
+
+    __slots__ = ("phases", "name", "sync", "started")
+
+    def __init__(self, phases: dict, name: str, sync: bool):
+        self.phases, self.name, self.sync = phases, name, sync
+
+    def __enter__(self):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.sync:
+            torch.cuda.synchronize()
+        self.phases[self.name] = self.phases.get(self.name, 0.0) + time.perf_counter() - self.started
+        return False
+
+
+_NO_TIMER = contextlib.nullcontext()
+
+
 # ------------------------------------------------------------------------------------------------
 # the LM
 
@@ -350,12 +373,15 @@ class FastLM(HFLM):
     kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
         recomputed exactly; None picks one from the model's dtype; 0 never recomputes (throughput runs).
+    profile: time each phase (batch building, forward, LM head, cache copies, exact recompute, ...) into
+        ``self.phases`` (seconds per phase name; on a GPU each phase ends with a synchronize). Off: no timing.
     """
 
     def __init__(self, model, tokenizer, *, batch_tokens: int | None = None, max_batch: int | None = None,
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
                  kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, truncation: bool = False, **hflm_kwargs):
+                 prefix_token_id: int | None = None, truncation: bool = False, profile: bool = False,
+                 **hflm_kwargs):
         # log-probabilities in float32 whatever the model's dtype: in bf16 a document's summed loglikelihood
         # is rounded to bf16's spacing (32 nats near -7000), which moves a perplexity by several percent and
         # ties close multiple-choice answers. Stock HFLM does the same with softmax_dtype="float32".
@@ -389,6 +415,13 @@ class FastLM(HFLM):
         # next token had several contenders, requests HFLM generated itself
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
                       "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+        self.phases: dict[str, float] | None = {} if profile else None
+
+    def _phase(self, name: str):
+        """A timer for one phase when profiling (see ``profile``), else a no-op context."""
+        if self.phases is None:
+            return _NO_TIMER
+        return _PhaseTimer(self.phases, name, self.device.type == "cuda")
 
     # -- loglikelihood ------------------------------------------------------------------------------
 
@@ -422,7 +455,8 @@ class FastLM(HFLM):
         if redo:
             order = sorted(redo)
             self.stats["exact_loglikelihood"] += len(order)
-            exact = HFLM._loglikelihood_tokens(self, [requests[i] for i in order], disable_tqdm=True)
+            with self._phase("ll exact recompute (HFLM)"):
+                exact = HFLM._loglikelihood_tokens(self, [requests[i] for i in order], disable_tqdm=True)
             for i, r in zip(order, exact):
                 results[i] = r
         for i, (key, _, _) in enumerate(requests):
@@ -480,18 +514,19 @@ class FastLM(HFLM):
 
     def _score(self, requests, disable_tqdm: bool):
         """(logprob, is_greedy) per request, and whether is_greedy is beyond rounding's reach."""
-        units: dict[tuple, _Unit] = {}
-        for i, (_, ctx, cont) in enumerate(requests):
-            assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= self.max_length
-            x = (ctx + cont)[-(self.max_length + 1) :][:-1]
-            unit = units.get(tuple(x))
-            if unit is None:
-                unit = units[tuple(x)] = _Unit(x)
-            unit.need = max(unit.need, len(cont))
-            unit.requests.append((i, cont))
+        with self._phase("ll batch build"):
+            units: dict[tuple, _Unit] = {}
+            for i, (_, ctx, cont) in enumerate(requests):
+                assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= self.max_length
+                x = (ctx + cont)[-(self.max_length + 1) :][:-1]
+                unit = units.get(tuple(x))
+                if unit is None:
+                    unit = units[tuple(x)] = _Unit(x)
+                unit.need = max(unit.need, len(cont))
+                unit.requests.append((i, cont))
+            singles, groups = self._plan(list(units.values()))
         results: list = [None] * len(requests)
         robust: list = [True] * len(requests)
-        singles, groups = self._plan(list(units.values()))
         bar = _progress(len(requests), "loglikelihood", disable_tqdm, self.progress_report)
         with torch.no_grad():
             if groups:
@@ -536,18 +571,20 @@ class FastLM(HFLM):
             singles.extend(members)
 
     def _run_singles(self, units: list[_Unit], results, robust, bar) -> None:
-        width = max(len(u.tokens) for u in units)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(units), width), pad, dtype=torch.long)
-        for r, u in enumerate(units):
-            ids[r, : len(u.tokens)] = torch.tensor(u.tokens, dtype=torch.long)
-        hidden = self._base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+        with self._phase("ll batch build"):
+            width = max(len(u.tokens) for u in units)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(units), width), pad, dtype=torch.long)
+            for r, u in enumerate(units):
+                ids[r, : len(u.tokens)] = torch.tensor(u.tokens, dtype=torch.long)
+            rows, cols = [], []
+            for r, u in enumerate(units):
+                rows.extend([r] * u.need)
+                cols.extend(range(len(u.tokens) - u.need, len(u.tokens)))
+        with self._phase("ll forward"):
+            hidden = self._base(input_ids=ids.to(self.device), use_cache=False).last_hidden_state
+            picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
         self.stats["forward_tokens"] += ids.numel()
-        rows, cols = [], []
-        for r, u in enumerate(units):
-            rows.extend([r] * u.need)
-            cols.extend(range(len(u.tokens) - u.need, len(u.tokens)))
-        picked = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
         self._finish_units(units, picked, results, robust, bar)
 
     def _run_groups(self, groups: list[tuple[int, list[_Unit]]], results, robust, bar) -> None:
@@ -563,12 +600,14 @@ class FastLM(HFLM):
                 n += 1
             chunk = groups[start : start + n]
             start += n
-            ids = torch.full((n, chunk[0][0]), pad, dtype=torch.long)
-            for r, (plen, members) in enumerate(chunk):
-                ids[r, :plen] = torch.tensor(members[0].tokens[:plen], dtype=torch.long)
-                self.stats["shared_prefix_tokens"] += plen * (len(members) - 1)  # tokens not recomputed
+            with self._phase("ll batch build"):
+                ids = torch.full((n, chunk[0][0]), pad, dtype=torch.long)
+                for r, (plen, members) in enumerate(chunk):
+                    ids[r, :plen] = torch.tensor(members[0].tokens[:plen], dtype=torch.long)
+                    self.stats["shared_prefix_tokens"] += plen * (len(members) - 1)  # tokens not recomputed
             cache = _new_dynamic_cache(self.model.config)
-            self._base(input_ids=ids.to(self.device), **{cache_argument(): cache}, use_cache=True)
+            with self._phase("ll forward (shared prefixes)"):
+                self._base(input_ids=ids.to(self.device), **{cache_argument(): cache}, use_cache=True)
             self.stats["forward_tokens"] += ids.numel()
             layers = _cache_layers(cache)
             rows = [(r, u) for r, (_, members) in enumerate(chunk) for u in members]
@@ -598,26 +637,30 @@ class FastLM(HFLM):
                 n += 1
             batch = rows[start : start + n]
             start += n
-            plens = torch.tensor([chunk[g][0] for g, _ in batch], device=self.device)
-            ids = torch.full((n, width), pad, dtype=torch.long)
-            for r, (g, u) in enumerate(batch):
-                tail = u.tokens[chunk[g][0]:]
-                ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-            positions = plens.view(-1, 1) + torch.arange(width, device=self.device).view(1, -1)
-            col = torch.arange(longest + width, device=self.device).view(1, 1, -1)
-            q = torch.arange(width, device=self.device).view(1, -1, 1)
-            mask = (col < plens.view(-1, 1, 1)) | ((col >= longest) & (col - longest <= q))
-            cache = _PrefixCache(layers, [g for g, _ in batch], longest, width)
-            hidden = self._base(input_ids=ids.to(self.device), position_ids=positions,
-                                attention_mask=mask.unsqueeze(1), **{cache_argument(): cache},
-                                use_cache=True).last_hidden_state
+            with self._phase("ll batch build"):
+                plens = torch.tensor([chunk[g][0] for g, _ in batch], device=self.device)
+                ids = torch.full((n, width), pad, dtype=torch.long)
+                for r, (g, u) in enumerate(batch):
+                    tail = u.tokens[chunk[g][0]:]
+                    ids[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                positions = plens.view(-1, 1) + torch.arange(width, device=self.device).view(1, -1)
+                col = torch.arange(longest + width, device=self.device).view(1, 1, -1)
+                q = torch.arange(width, device=self.device).view(1, -1, 1)
+                mask = (col < plens.view(-1, 1, 1)) | ((col >= longest) & (col - longest <= q))
+                sel_rows, sel_cols = [], []
+                for r, (g, u) in enumerate(batch):
+                    end = len(u.tokens) - chunk[g][0]
+                    sel_rows.extend([r] * u.need)
+                    sel_cols.extend(range(end - u.need, end))
+            with self._phase("ll cache copies (prefix KV per row)"):
+                cache = _PrefixCache(layers, [g for g, _ in batch], longest, width)
+            with self._phase("ll forward"):
+                hidden = self._base(input_ids=ids.to(self.device), position_ids=positions,
+                                    attention_mask=mask.unsqueeze(1), **{cache_argument(): cache},
+                                    use_cache=True).last_hidden_state
+                picked = hidden[torch.tensor(sel_rows, device=hidden.device),
+                                torch.tensor(sel_cols, device=hidden.device)]
             self.stats["forward_tokens"] += ids.numel()
-            sel_rows, sel_cols = [], []
-            for r, (g, u) in enumerate(batch):
-                end = len(u.tokens) - chunk[g][0]
-                sel_rows.extend([r] * u.need)
-                sel_cols.extend(range(end - u.need, end))
-            picked = hidden[torch.tensor(sel_rows, device=hidden.device), torch.tensor(sel_cols, device=hidden.device)]
             self._finish_units([u for _, u in batch], picked, results, robust, bar)
 
     def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -628,6 +671,11 @@ class FastLM(HFLM):
 
     def _finish_units(self, units: list[_Unit], hidden: torch.Tensor, results, robust, bar, chunk: int = 2048):
         """hidden: the scored positions of `units`, in order. Fills results/robust of their requests."""
+        with self._phase("ll head + log-softmax"):
+            self._score_positions(units, hidden, results, robust, chunk)
+        bar.update(sum(len(u.requests) for u in units))
+
+    def _score_positions(self, units: list[_Unit], hidden: torch.Tensor, results, robust, chunk: int) -> None:
         target_rows, target_tokens, owners = [], [], []
         offset = 0
         for u in units:
@@ -655,7 +703,7 @@ class FastLM(HFLM):
         greedy_row = best_id[rows_t] == toks_t
         # distance of each scored token from flipping: to the runner-up if it is the argmax, else to the argmax
         margin = torch.where(greedy_row, best[rows_t] - second[rows_t], best[rows_t] - tlp).float().cpu()
-        greedy_row, tlp_cpu = greedy_row.cpu(), tlp
+        greedy_row, tlp_cpu = greedy_row.cpu(), tlp.cpu()  # one transfer, not one per request
         pos = 0
         for i, n in owners:
             values = tlp_cpu[pos : pos + n]
@@ -667,7 +715,6 @@ class FastLM(HFLM):
                 robust[i] = bool(m[~greedy_row[pos : pos + n]].max() > self.decision_margin)
             results[i] = (float(values.sum()), is_greedy)
             pos += n
-        bar.update(len(owners))
 
     # -- generation -------------------------------------------------------------------------------
 
@@ -772,7 +819,8 @@ class FastLM(HFLM):
             while pending and (slots is None or free):
                 row = pending.popleft()
                 started = time.perf_counter()
-                layers, token = self._prefill(row)
+                with self._phase("gen prefill (each prompt alone)"):
+                    layers, token = self._prefill(row)
                 self.stats["prefill_s"] += time.perf_counter() - started
                 row.generated.append(token)
                 if self._stopped(row, token, eos_ids):
@@ -787,7 +835,8 @@ class FastLM(HFLM):
                                        k0.shape[3], k0.dtype, k0.device)
                     free = list(range(count))
                 row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
-                slots.load(row.slot, layers)
+                with self._phase("gen cache copies (prompt KV into its slot)"):
+                    slots.load(row.slot, layers)
                 active.append(row)
             if not active:
                 continue
@@ -802,17 +851,17 @@ class FastLM(HFLM):
             self.stats["decode_s"] += time.perf_counter() - started
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(active)
-            still = []
-            for row, token in zip(active, tokens):
-                row.cached += 1
-                row.generated.append(token)
-                if self._stopped(row, token, eos_ids):
-                    bar.update(1)
-                    free.append(row.slot)
-                    free.sort()
-                    yield row
-                else:
-                    still.append(row)
+            still, done = [], []
+            with self._phase("gen stop checks"):
+                for row, token in zip(active, tokens):
+                    row.cached += 1
+                    row.generated.append(token)
+                    (done if self._stopped(row, token, eos_ids) else still).append(row)
+            for row in done:
+                bar.update(1)
+                free.append(row.slot)
+                free.sort()
+                yield row
             active = still
 
     def _prefill(self, row: _Row):
@@ -848,13 +897,19 @@ class FastLM(HFLM):
         return ids, positions
 
     def _exact_step(self, active: list[_Row], slots: _SlotCache, head_norms: torch.Tensor) -> list[int]:
-        ids, positions = self._step_inputs(active)
-        slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
-        slots.positions = positions[:, 0]
-        dummy_mask = torch.ones(len(active), 1, 1, 1, dtype=torch.bool, device=self.device)
-        with _one_row_products(), _per_row_attention():
-            hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=dummy_mask,
-                                **{cache_argument(): _RowCache(slots, active)}, use_cache=True).last_hidden_state
+        with self._phase("gen step inputs"):
+            ids, positions = self._step_inputs(active)
+            slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
+            slots.positions = positions[:, 0]
+            dummy_mask = torch.ones(len(active), 1, 1, 1, dtype=torch.bool, device=self.device)
+        with self._phase("gen decode forward (one-row products, per-row attention)"):
+            with _one_row_products(), _per_row_attention():
+                hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=dummy_mask,
+                                    **{cache_argument(): _RowCache(slots, active)}, use_cache=True).last_hidden_state
+        with self._phase("gen head (batched head, bound, one-row recompute of contenders)"):
+            return self._exact_next_tokens(active, hidden, head_norms)
+
+    def _exact_next_tokens(self, active: list[_Row], hidden: torch.Tensor, head_norms: torch.Tensor) -> list[int]:
         scores = self._head_logits(hidden)[:, -1].float()
         if any(row.penalty != 1.0 for row in active):
             scores = self._penalize(scores, active)
@@ -900,16 +955,19 @@ class FastLM(HFLM):
         return int(ids[int(logits.argmax())])
 
     def _batched_step(self, active: list[_Row], slots: _SlotCache) -> list[int]:
-        ids, positions = self._step_inputs(active)
-        slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
-        slots.positions = positions[:, 0]
-        slots.length = max(row.cached for row in active) + 1
-        slots.all_slots = len(active) == slots.k[0].shape[0]
-        span = torch.arange(slots.length, device=self.device).view(1, -1)
-        mask = (span <= positions).view(len(active), 1, 1, slots.length)
-        hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=mask,
-                            **{cache_argument(): slots}, use_cache=True).last_hidden_state
-        scores = self._head_logits(hidden)[:, -1].float()
-        if any(row.penalty != 1.0 for row in active):
-            scores = self._penalize(scores, active)
-        return scores.argmax(dim=-1).tolist()
+        with self._phase("gen step inputs"):
+            ids, positions = self._step_inputs(active)
+            slots.slots = torch.tensor([row.slot for row in active], dtype=torch.long, device=self.device)
+            slots.positions = positions[:, 0]
+            slots.length = max(row.cached for row in active) + 1
+            slots.all_slots = len(active) == slots.k[0].shape[0]
+            span = torch.arange(slots.length, device=self.device).view(1, -1)
+            mask = (span <= positions).view(len(active), 1, 1, slots.length)
+        with self._phase("gen decode forward (batched)"):
+            hidden = self._base(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                **{cache_argument(): slots}, use_cache=True).last_hidden_state
+        with self._phase("gen head (batched)"):
+            scores = self._head_logits(hidden)[:, -1].float()
+            if any(row.penalty != 1.0 for row in active):
+                scores = self._penalize(scores, active)
+            return scores.argmax(dim=-1).tolist()
