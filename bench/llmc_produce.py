@@ -6,14 +6,17 @@ environment, so it runs here, in a venv of its own, and only writes checkpoints 
     python3 -m venv /tmp/llmc && . /tmp/llmc/bin/activate
     pip install torch==2.13.0 llmcompressor==0.14.0.1          # a CPU build of torch is enough
     python bench/llmc_produce.py fixture tests/data/llmc           # the tiny committed fixture (CI)
-    python bench/llmc_produce.py model --model DIR --scheme NVFP4A16 --gptq --out OUT [--hadamard 32]
+    python bench/llmc_produce.py model --model DIR --scheme NVFP4A16 --gptq --out OUT [--spinquant 32 | --hadamard 32]
 
 `fixture` builds a tiny random Qwen2 whose weights come from torch's generator alone (tiny_qwen2 below:
 no transformers initialisation, so every transformers release rebuilds the same baseline) and writes it
 with two schemes, data-free round-to-nearest: NVFP4A16 (nvfp4 weights) and FP8_DYNAMIC (fp8 per-channel
-weights, dynamic per-token fp8 activations), and NVFP4A16 through GPTQ. `model` runs a scheme on a saved model, optionally through
+weights, dynamic per-token fp8 activations), NVFP4A16 through GPTQ, and MXFP4A16 after SpinQuant's R1+R2
+Hadamard rotations (fused into the weights). `model` runs a scheme on a saved model, optionally through
 GPTQ (calibrated on the first documents of the Paul Graham essays that qgate's perplexity task does not
-score: the essays after the first 8) and llm-compressor's QuIP Hadamard rotation (transform_block_size).
+score: the essays after the first 8), optionally after llm-compressor's SpinQuant R1+R2 Hadamard rotations
+(--spinquant BLOCK: fused into the weights, so qgate runs the checkpoint) or its QuIP rotation (--hadamard BLOCK:
+online input rotations, which qgate refuses because transformers' dequantizing loader drops them).
 
 This file imports only torch, transformers and (inside the commands) llmcompressor, so that qgate's tests can
 import tiny_qwen2 from it to rebuild the fixture's baseline.
@@ -58,10 +61,17 @@ def byte_tokenizer():
     return tiny_byte_tokenizer()
 
 
-def _recipe(scheme: str, gptq: bool, hadamard: int | None, ignore=("lm_head",)):
+def _recipe(scheme: str, gptq: bool, hadamard: int | None, ignore=("lm_head",), spinquant: int | None = None):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     recipe = []
+    if spinquant:
+        # SpinQuant's R1 (residual stream, block-diagonal Hadamard of `spinquant`) and R2 (per head, v -> o):
+        # both are fused into the saved weights (norms folded first), so the checkpoint needs no online rotation
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        recipe.append(SpinQuantModifier(rotations=["R1", "R2"], transform_type="hadamard",
+                                        transform_block_size=spinquant))
     if hadamard:
         from llmcompressor.modifiers.transform import QuIPModifier
 
@@ -93,7 +103,8 @@ def _calibration(tokenizer, n: int, seq_len: int):
 
 
 def produce(model_dir: Path, scheme: str, out: Path, gptq: bool = False, hadamard: int | None = None,
-            samples: int = 64, seq_len: int = 256, source_label: str | None = None) -> None:
+            samples: int = 64, seq_len: int = 256, source_label: str | None = None,
+            spinquant: int | None = None) -> None:
     import torch
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,13 +115,13 @@ def produce(model_dir: Path, scheme: str, out: Path, gptq: bool = False, hadamar
     if gptq:
         kwargs = dict(dataset=_calibration(tokenizer, samples, seq_len), num_calibration_samples=samples,
                       max_seq_length=seq_len)
-    oneshot(model=model, recipe=_recipe(scheme, gptq, hadamard), **kwargs)
+    oneshot(model=model, recipe=_recipe(scheme, gptq, hadamard, spinquant=spinquant), **kwargs)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     (out / "qgate-producer.json").write_text(json.dumps(
         {"tool": "llmcompressor", "version": _version("llmcompressor"), "compressed_tensors": _version("compressed-tensors"),
          "transformers": _version("transformers"), "torch": _version("torch"), "scheme": scheme, "gptq": gptq,
-         "hadamard_block": hadamard, "calibration": {"samples": samples, "seq_len": seq_len} if gptq else None,
+         "hadamard_block": hadamard, "spinquant_block": spinquant, "calibration": {"samples": samples, "seq_len": seq_len} if gptq else None,
          "source": source_label or str(model_dir)}, indent=1) + "\n")
 
 
@@ -134,6 +145,8 @@ def fixture(out_root: Path) -> None:
         # a GPTQ-class candidate: NVFP4 weights chosen by GPTQ on 16 windows of 128 byte tokens
         produce(base, "NVFP4A16", out_root / "tiny-qwen2-nvfp4a16-gptq", gptq=True, samples=16, seq_len=128,
                 source_label=label)
+        # SpinQuant R1+R2 Hadamard rotations (block 32) fused into the weights, then MXFP4 round-to-nearest
+        produce(base, "MXFP4A16", out_root / "tiny-qwen2-mxfp4a16-spinquant32", spinquant=32, source_label=label)
 
 
 def main(argv=None) -> int:
@@ -147,13 +160,16 @@ def main(argv=None) -> int:
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--gptq", action="store_true")
     m.add_argument("--hadamard", type=int, default=None, metavar="BLOCK", help="QuIP Hadamard rotation, block size")
+    m.add_argument("--spinquant", type=int, default=None, metavar="BLOCK",
+                   help="SpinQuant R1+R2 Hadamard rotations fused into the weights (no online rotation), R1 block size")
     m.add_argument("--samples", type=int, default=64)
     m.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args(argv)
     if args.cmd == "fixture":
         fixture(args.out)
     else:
-        produce(args.model, args.scheme, args.out, args.gptq, args.hadamard, args.samples, args.seq_len)
+        produce(args.model, args.scheme, args.out, args.gptq, args.hadamard, args.samples, args.seq_len,
+                spinquant=args.spinquant)
     return 0
 
 

@@ -65,27 +65,37 @@ class ResolvedCandidate:
     quantization_config: dict
     scheme: list[dict] = field(default_factory=list)  # one entry per config group
     qgate_format: str | None = None  # the qgate format every quantized weight is in, if one (activations aside)
+    loader: str = "compressed-tensors"  # or "modelopt" (qgate.modelopt_checkpoint decodes it)
+    rotations: str = ""  # rotations fused into the weights (compressed-tensors transform_config), in words
 
     @property
     def name(self) -> str:
         return self.candidate.name
 
     def scheme_text(self) -> str:
-        return "; ".join(g["text"] for g in self.scheme) or "no quantized weights"
+        text = "; ".join(g["text"] for g in self.scheme) or "no quantized weights"
+        return f"{text}; rotations fused into the weights: {self.rotations}" if self.rotations else text
 
     def config(self) -> dict:
         """What the store hashes for this candidate (its quant config key): the checkpoint's content and
         how it is run (dequantized by compressed-tensors)."""
         from importlib import metadata
 
+        if self.loader == "modelopt":
+            return {"checkpoint_candidate": self.checkpoint_id, "loader": "qgate.modelopt_checkpoint, dequantized"}
         return {"checkpoint_candidate": self.checkpoint_id, "loader": "transformers+compressed-tensors, dequantized",
                 "compressed_tensors": metadata.version("compressed-tensors")}
+
+    @property
+    def decodes_to_bfloat16(self) -> bool:
+        """compressed-tensors decodes NVFP4 into bfloat16; qgate's ModelOpt decoder is exact in float32."""
+        return self.loader == "compressed-tensors"
 
     def describe(self) -> dict:
         return {"name": self.name, "path": self.candidate.location, "checkpoint": self.checkpoint_id,
                 "member": self.candidate.member, "scheme": self.scheme_text(), "qgate_format": self.qgate_format,
                 "quant_method": self.quantization_config.get("quant_method"),
-                "compression_format": self.quantization_config.get("format")}
+                "compression_format": self.quantization_config.get("format") or self.quantization_config.get("quant_algo")}
 
 
 def _weights_text(w: dict) -> tuple[str, str | None]:
@@ -134,8 +144,35 @@ def read_scheme(qconfig: dict) -> tuple[list[dict], str | None]:
     return groups, one
 
 
+_FUSED_LOCATIONS = ("weight_input", "weight_output")
+
+
+def _online_transforms(transform_config) -> list[str]:
+    """The transforms a checkpoint must apply at run time (anything not fused into the saved weights)."""
+    if not transform_config:
+        return []
+    groups = transform_config.get("config_groups") if isinstance(transform_config, dict) else None
+    if not isinstance(groups, dict):
+        return ["unreadable transform_config"]
+    online = []
+    for gname, group in groups.items():
+        for arg in (group or {}).get("apply") or []:
+            location = (arg or {}).get("location")
+            if location not in _FUSED_LOCATIONS:
+                online.append(f"{gname} at {location}")
+    return online
+
+
+def _fused_rotations(transform_config) -> str:
+    """e.g. "R1 hadamard block 32, R2 hadamard block 64" (SpinQuant's offline rotations)."""
+    groups = (transform_config or {}).get("config_groups") or {}
+    return ", ".join(f"{name} {g.get('type')}" + (f" block {g['head_dim']}" if g.get("head_dim") else "")
+                     for name, g in groups.items())
+
+
 def resolve_candidate(cand: CheckpointCandidate) -> ResolvedCandidate:
     """Find the checkpoint's files and read its quantization_config; one clear line when it is not one."""
+    from qgate import modelopt_checkpoint
     from qgate.models import MemberSpec, _hub_snapshot, directory_hash
 
     path = Path(cand.location).expanduser()
@@ -158,21 +195,30 @@ def resolve_candidate(cand: CheckpointCandidate) -> ResolvedCandidate:
     except ValueError as exc:
         raise QgateError(f"candidate {cand.name}: {config_file} is not JSON ({exc})") from None
     qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    ident = f"git:{directory.name}" if hub else f"sha256:{directory_hash(directory)}"
+    if modelopt_checkpoint.is_modelopt(directory, qconfig):
+        settings = modelopt_checkpoint.read_config(cand.name, directory, qconfig)
+        groups, fmt = modelopt_checkpoint.scheme(settings)
+        return ResolvedCandidate(cand, directory, ident, dict(qconfig or {}, **settings, quant_method="modelopt"),
+                                 groups, fmt, loader="modelopt")
     if not isinstance(qconfig, dict):
         raise QgateError(f"candidate {cand.name}: {config_file} has no quantization_config; expected a quantized "
-                         f"checkpoint (compressed-tensors, as llm-compressor or qgate export-checkpoint write)")
+                         f"checkpoint (compressed-tensors, as llm-compressor or qgate export-checkpoint write, or "
+                         f"ModelOpt's)")
     method = qconfig.get("quant_method")
     if method != "compressed-tensors":
         raise QgateError(f"candidate {cand.name}: {config_file}: quantization_config.quant_method is {method!r}; "
-                         f"qgate loads compressed-tensors checkpoints")
-    if qconfig.get("transform_config"):
+                         f"qgate loads compressed-tensors and modelopt checkpoints")
+    online = _online_transforms(qconfig.get("transform_config"))
+    if online:
         raise QgateError(f"candidate {cand.name}: {config_file}: quantization_config.transform_config holds online "
-                         f"rotations (e.g. llm-compressor's QuIP/SpinQuant Hadamard transforms), which transformers' "
-                         f"dequantizing loader drops; qgate cannot run this checkpoint faithfully (use a checkpoint "
-                         f"without transforms, or qgate's own recipe rotation to emulate one)")
-    ident = f"git:{directory.name}" if hub else f"sha256:{directory_hash(directory)}"
+                         f"rotations ({', '.join(online)}; e.g. llm-compressor's QuIP Hadamard transforms), which "
+                         f"transformers' dequantizing loader drops; qgate cannot run this checkpoint faithfully (use "
+                         f"a checkpoint whose rotations are fused into the weights, e.g. SpinQuant R1/R2, or qgate's "
+                         f"own recipe rotation to emulate one)")
     groups, fmt = read_scheme(qconfig)
-    return ResolvedCandidate(cand, directory, ident, qconfig, groups, fmt)
+    return ResolvedCandidate(cand, directory, ident, qconfig, groups, fmt,
+                             rotations=_fused_rotations(qconfig.get("transform_config")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,18 +228,26 @@ def resolve_candidate(cand: CheckpointCandidate) -> ResolvedCandidate:
 
 def load_candidate(resolved: ResolvedCandidate, device, dtype, fallback_tokenizer_dir: Path | None = None,
                    progress: bool = True):
-    """(model, tokenizer): the checkpoint dequantized by compressed-tensors (weights in `dtype` on `device`)."""
+    """(model, tokenizer): the checkpoint dequantized (by compressed-tensors, or for a ModelOpt checkpoint by
+    qgate.modelopt_checkpoint), weights in `dtype` on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
 
     from qgate.models import _corrupt_errors, _load_error, _transformers_bars
 
+    where = f"{resolved.directory} (candidate {resolved.name})"
     with _transformers_bars(progress):
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                resolved.directory, dtype=dtype, quantization_config=CompressedTensorsConfig(run_compressed=False))
+            if resolved.loader == "modelopt":
+                from qgate import modelopt_checkpoint
+
+                model = modelopt_checkpoint.load(resolved.directory, resolved.quantization_config["quant_algo"],
+                                                 dtype, where)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    resolved.directory, dtype=dtype, quantization_config=CompressedTensorsConfig(run_compressed=False))
         except (*_corrupt_errors(), ImportError) as exc:
-            raise _load_error(f"{resolved.directory} (candidate {resolved.name})", exc) from exc
+            raise _load_error(where, exc) from exc
     tokenizer_dir = resolved.directory
     if not any((resolved.directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer_dir = fallback_tokenizer_dir or resolved.directory
@@ -240,7 +294,7 @@ def _rule(fmt: str, same: float, shared_same: float | None) -> str:
         return "identical" if fmt != "nvfp4" else "identical (in the bfloat16 compressed-tensors decodes to)"
     if shared_same == 1.0:
         return ("global scale: one per-tensor scale shared by the fused projections (q/k/v, gate/up), from their "
-                "largest amax (llm-compressor's fused-layer global scale); with it, identical")
+                "largest amax (as llm-compressor and ModelOpt export fused layers); with it, identical")
     if fmt == "nvfp4":
         return ("block scales or element codes differ (another scale or clamp rule, or a weight-changing method "
                 "such as GPTQ)")
@@ -249,7 +303,7 @@ def _rule(fmt: str, same: float, shared_same: float | None) -> str:
     return "scale or element codes differ (another amax/scale rule, or GPTQ-style rounding)"
 
 
-def fidelity(baseline, candidate, fmt: str) -> list[dict]:
+def fidelity(baseline, candidate, fmt: str, decoded_bfloat16: bool = True) -> list[dict]:
     """Per quantized tensor of the candidate: share of elements identical to qgate's fake quantization of the
     baseline (NVFP4: its bfloat16 rounding, what compressed-tensors decodes to), max and mean relative
     difference, and the rule that explains a difference."""
@@ -268,14 +322,15 @@ def fidelity(baseline, candidate, fmt: str) -> list[dict]:
             b = base[name].data.float()
             got = p.data.float()
             emu = fake_quantize(b, fmt)
-            ref = emu.to(torch.bfloat16).float() if fmt == "nvfp4" else emu
+            ref = emu.to(torch.bfloat16).float() if fmt == "nvfp4" and decoded_bfloat16 else emu
             same = float((ref == got).float().mean())
             shared_same = None
             if same < 1.0 and fmt == "nvfp4":
                 siblings = _fused_siblings(name, quantized)
                 if len(siblings) > 1:
                     amax = max(base[s].data.float().abs().amax() for s in siblings)
-                    alt = _nvfp4_with_tensor_amax(b, amax).to(torch.bfloat16).float()
+                    alt = _nvfp4_with_tensor_amax(b, amax)
+                    alt = alt.to(torch.bfloat16).float() if decoded_bfloat16 else alt
                     shared_same = float((alt == got).float().mean())
             nz = ref.abs() > 0
             rel = (ref - got).abs()[nz] / ref.abs()[nz]
@@ -300,6 +355,17 @@ def fidelity_summary(rows: list[dict]) -> dict:
             "max_rel_diff": max(r["max_rel_diff"] for r in rows),
             "mean_rel_diff": sum(r["mean_rel_diff"] * r["numel"] for r in rows) / n,
             "identical_tensors": sum(1 for r in rows if r["identical_share"] == 1.0), "rules": rules}
+
+
+def candidate_fidelity(resolved: ResolvedCandidate, baseline, candidate) -> tuple[list[dict], dict | None, list[str]]:
+    """(rows, summary, lines) of `fidelity` for a resolved candidate: skipped where its weights live in a rotated
+    basis (rotations fused into them) or its scheme is no qgate format."""
+    if resolved.rotations:
+        return [], None, [f"emulation fidelity: not compared, the weights are rotated ({resolved.rotations})"]
+    if not resolved.qgate_format:
+        return [], None, fidelity_lines(None, [])
+    rows = fidelity(baseline, candidate, resolved.qgate_format, decoded_bfloat16=resolved.decodes_to_bfloat16)
+    return rows, fidelity_summary(rows), fidelity_lines(resolved.qgate_format, rows)
 
 
 def fidelity_lines(fmt: str | None, rows: list[dict]) -> list[str]:

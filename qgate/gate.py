@@ -335,7 +335,7 @@ class _Runner:
 
     def _load_checkpoint(self, m: _MemberPlan, name: str):
         """A checkpoint candidate, dequantized; its fidelity to qgate's emulation of its format recorded once."""
-        from qgate.checkpoints import fidelity, fidelity_lines, fidelity_summary, load_candidate
+        from qgate.checkpoints import candidate_fidelity, load_candidate
         from qgate.models import LoadedModel, load_member
 
         cand = self.s.checkpoints[name]
@@ -343,11 +343,11 @@ class _Runner:
         base = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=False)
         model, tokenizer = load_candidate(cand, self.s.device, self.s.dtype, progress=True)
         self.models_loaded += 1
-        rows = fidelity(base.model, model, cand.qgate_format) if cand.qgate_format else []
+        rows, fid, fid_lines = candidate_fidelity(cand, base.model, model)
         summary = {"scheme": cand.scheme_text(), "qgate_format": cand.qgate_format, "checkpoint": cand.checkpoint_id,
-                   "path": cand.candidate.location, "fidelity": fidelity_summary(rows) if cand.qgate_format else None}
+                   "path": cand.candidate.location, "fidelity": fid}
         lines = [f"checkpoint {cand.candidate.location} ({cand.checkpoint_id})", f"scheme: {cand.scheme_text()}",
-                 *fidelity_lines(cand.qgate_format, rows)]
+                 *fid_lines]
         self.store.put_quant_config(self.quant_id(name), format=name, recipe="checkpoint",
                                     config=dict(self.quant_configs[name], scheme=cand.scheme,
                                                 quantization_config=cand.quantization_config),

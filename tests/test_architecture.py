@@ -118,6 +118,9 @@ FORBIDDEN = {
     # checked before anything loads: never a later stage
     "qgate.offline": {"qgate.gate", "qgate.store", "qgate.decide", "qgate.models", "qgate.quantize"},
     "qgate.model_files": {"qgate.gate", "qgate.store", "qgate.decide", "qgate.quantize", "qgate.evaluation"},
+    # decodes one checkpoint format: no stage of the flow
+    "qgate.modelopt_checkpoint": {"qgate.gate", "qgate.store", "qgate.decide", "qgate.quantize", "qgate.evaluation",
+                                  "qgate.models", "qgate.checkpoints"},
 }
 
 

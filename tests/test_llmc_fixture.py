@@ -19,6 +19,7 @@ DATA = REPO / "tests" / "data" / "llmc"
 NVFP4 = DATA / "tiny-qwen2-nvfp4a16"
 FP8 = DATA / "tiny-qwen2-fp8_dynamic"
 GPTQ = DATA / "tiny-qwen2-nvfp4a16-gptq"
+SPIN = DATA / "tiny-qwen2-mxfp4a16-spinquant32"
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
 
 
@@ -37,7 +38,7 @@ def baseline():
 def test_fixture_is_small_and_says_who_made_it():
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     assert total < 2_000_000
-    for folder in (NVFP4, FP8, GPTQ):
+    for folder in (NVFP4, FP8, GPTQ, SPIN):
         made = json.loads((folder / "qgate-producer.json").read_text())
         assert made["tool"] == "llmcompressor" and made["version"] == "0.14.0.1"
         assert json.loads((folder / "config.json").read_text())["quantization_config"]["version"] == "0.19.0"
@@ -130,3 +131,28 @@ def test_checkpoint_with_online_rotations_is_refused_in_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(QgateError, match="transform_config holds online rotations.*cannot run this checkpoint"):
         resolve_candidate(CheckpointCandidate("rot", str(folder)))
+
+
+def test_checkpoint_with_rotations_fused_into_its_weights_runs_faithfully(baseline):
+    """SpinQuant's R1/R2 rotations live in the saved weights (transform_config lists only weight_input /
+    weight_output): the checkpoint computes the rotated model, so its output error is that of MXFP4 itself
+    (about qgate's round-to-nearest MXFP4 error), not of a dropped rotation."""
+    from qgate.checkpoints import candidate_fidelity
+    from qgate.quantize import quantize_model
+    from qgate.recipes import load_recipe
+
+    resolved = resolve_candidate(CheckpointCandidate("spin", str(SPIN)))
+    assert resolved.rotations == "R1 hadamard block 32, R2 hadamard block 32"
+    assert resolved.scheme_text().endswith("(= qgate mxfp4); rotations fused into the weights: "
+                                           "R1 hadamard block 32, R2 hadamard block 32")
+    cand, _ = load_candidate(resolved, "cpu", torch.float32, progress=False)
+    rows, summary, lines = candidate_fidelity(resolved, baseline, cand)
+    assert rows == [] and summary is None and "not compared, the weights are rotated" in lines[0]
+    emulated = producer().tiny_qwen2()
+    quantize_model(emulated, "mxfp4", load_recipe("uniform"), progress=False)
+    ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = baseline(ids).logits
+        err_ckpt = float((cand(ids).logits - want).norm() / want.norm())
+        err_rtn = float((emulated(ids).logits - want).norm() / want.norm())
+    assert 0.5 * err_rtn < err_ckpt < 1.5 * err_rtn < 1
