@@ -12,11 +12,19 @@ elements where the peer's output equals qgate's bit for bit (NaN = NaN).
 Peers are optional: torchao from an installed wheel, microxcaling from a source folder given by
 --mx-path (its `mx` package). A missing peer is reported, not fatal.
 
+--sweep first times every tile shape of qgate.backends.triton_tuning.SPACE on this GPU (the MX kernel
+on mxfp4 and mxfp4_rceil, NVFP4's block pass, the amax pass, the per-row fp8 kernel), checks each one's
+output bit for bit against the default tile's, keeps the fastest per kernel in $QGATE_CACHE/triton-tiles.json
+under the device's name (the backend reads it from then on), prints the choice, then benchmarks with it.
+The goals of the H200 (MX >= 100% of copy, RCEIL >= 99%, NVFP4 block pass >= 95%, fp8_channel >= 90%)
+are printed under the table.
+
 Also: a whole-model figure (--model): every decoder Linear of a random-weight model built on the
 GPU from Qwen2.5-7B's configuration, quantized with the triton backend and with the reference
 backend on the same GPU: the backend calls alone, and qgate.quantize.quantize_model end to end.
 
     python bench/kernels.py --size-mib 512 --model --json results.json
+    python bench/kernels.py --sweep --budget-s 170 --json results.json
     qgate bench kernels --size-mib 512
 """
 
@@ -42,6 +50,11 @@ if str(REPO) not in sys.path:
 from qgate.formats import ScaleKind, get_format, list_formats  # noqa: E402
 
 GOAL_FORMATS = ("mxfp4", "nvfp4", "mxfp8_e4m3")
+# the sweep times each kernel on one format (a tile does the same work for every element type)
+SWEEP_FORMATS = {"mx": "mxfp4", "mx_rceil": "mxfp4_rceil", "nvfp4": "nvfp4", "amax": "nvfp4", "fp8_row": "fp8_channel"}
+# % of copy each kind of row should reach (the H200 targets)
+GOALS = (("MX formats (FLOOR)", 100.0), ("MX formats (RCEIL)", 99.0), ("nvfp4 block pass", 95.0),
+         ("fp8_channel", 90.0))
 TORCHAO_MX = {"mxfp4": "float4_e2m1fn_x2", "mxfp6_e2m3": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2",
               "mxfp8_e4m3": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2"}
 MICROXCALING = {"mxfp4": "fp4_e2m1", "mxfp6_e2m3": "fp6_e2m3", "mxfp6_e3m2": "fp6_e3m2",
@@ -75,6 +88,10 @@ class Result:
     copy_gbps: float
     rows: list[Row] = field(default_factory=list)
     model: dict | None = None
+    tiles: dict = field(default_factory=dict)  # kernel -> the tile config the rows were measured with
+    tiles_source: str = ""
+    sweep: dict | None = None  # kernel -> every config's time and the chosen one (with --sweep)
+    goals: list = field(default_factory=list)  # (goal, target %, measured %, which row, met)
 
 
 def _log(msg: str) -> None:
@@ -101,11 +118,11 @@ def software_line() -> str:
     return ", ".join(parts)
 
 
-def time_ms(fn: Callable[[], object], rep_ms: int = 200) -> float:
+def time_ms(fn: Callable[[], object], rep_ms: int = 200, warmup_ms: int = 25) -> float:
     """Median of CUDA-event timings after warm-up (triton.testing.do_bench)."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -173,13 +190,103 @@ def peer_impls(fmt: str, mx_path: str | None, compile_formats: tuple[str, ...]) 
     return out
 
 
+# --- tiles ------------------------------------------------------------------------------
+
+def tile_text(cfg: dict) -> str:
+    short = {"num_warps": "w", "BLOCK_K": "K", "ROWS": "rows", "TILES": "tiles", "BLOCK": "block"}
+    return " ".join(f"{short.get(k, k)}={v}" for k, v in cfg.items())
+
+
+def kernels_of(fmt) -> tuple[str, ...]:
+    """The tuned kernels a format runs (qgate.backends.triton_tuning names)."""
+    if fmt.scale is ScaleKind.E8M0:
+        return ("mx_rceil",) if fmt.scale_rule == "rceil" else ("mx",)
+    return {ScaleKind.E4M3_FP32: ("nvfp4", "amax"), ScaleKind.FP32_TENSOR: ("amax",),
+            ScaleKind.FP32_CHANNEL: ("fp8_row",)}.get(fmt.scale, ())
+
+
+def sweep_tiles(x: torch.Tensor, copy_gbps: float, rep_ms: int = 40) -> dict:
+    """Time every config of the tuning space on ``x``, keep the fastest per kernel whose output equals the
+    default tile's bit for bit, and cache the choice under this GPU's name."""
+    from qgate.backends.triton import TritonBackend
+    from qgate.backends.triton_tuning import DEFAULT, SPACE, save_sweep
+
+    device = torch.cuda.get_device_name(x.device)
+    nbytes = 2 * x.numel() * x.element_size()
+    started = time.perf_counter()
+    out = torch.empty_like(x)
+    amax = TritonBackend(tiles=DEFAULT).tensor_amax_bits(x)
+    report: dict = {}
+    chosen: dict = {}
+    for kernel, space in SPACE.items():
+        fmt = get_format(SWEEP_FORMATS[kernel])
+
+        def call(b):
+            if kernel == "amax":
+                return b.tensor_amax_bits(x)
+            if kernel == "nvfp4":
+                return b.nvfp4_block_pass(x, amax, out=out)
+            return b.fake_quantize(x, fmt, out=out)
+
+        want = call(TritonBackend(tiles=DEFAULT)).clone()
+        moved = nbytes // 2 if kernel == "amax" else nbytes  # the amax pass only reads
+        timings = []
+        for cfg in space:
+            b = TritonBackend(tiles={kernel: cfg})
+            got = call(b)  # compiles
+            differ = int((_bits(got) != _bits(want)).sum()) if got.dtype != torch.int32 else int((got != want).sum())
+            ms = time_ms(lambda: call(b), rep_ms, warmup_ms=10)
+            timings.append({"config": cfg, "ms": round(ms, 4), "pct_copy": round(100 * moved / ms / 1e6 / copy_gbps, 1),
+                            "differing_elements": differ})
+            if differ:
+                _log(f"sweep {kernel} {tile_text(cfg)}: {differ} elements differ from the default tile's output")
+        exact = [t for t in timings if not t["differing_elements"]]
+        best = min(exact, key=lambda t: t["ms"])
+        default_ms = next(t["ms"] for t in timings if t["config"] == DEFAULT[kernel])
+        chosen[kernel] = best["config"]
+        report[kernel] = {"format": fmt.name, "chosen": best, "default": {"config": DEFAULT[kernel], "ms": default_ms},
+                          "configs": timings}
+        _log(f"sweep {kernel:9s} ({fmt.name}): {tile_text(best['config'])}  {best['ms']:.3f} ms "
+             f"{best['pct_copy']:.1f}% of copy{' (reads only)' if kernel == 'amax' else ''}; default "
+             f"{tile_text(DEFAULT[kernel])} {default_ms:.3f} ms; {len(timings)} configs, "
+             f"{sum(1 for t in timings if t['differing_elements'])} differing")
+    save_sweep(device, chosen, {k: {"format": v["format"], "ms": v["chosen"]["ms"], "pct_copy": v["chosen"]["pct_copy"]}
+                                for k, v in report.items()})
+    report["_seconds"] = round(time.perf_counter() - started, 1)
+    report["_device"] = device
+    return report
+
+
+def goals(res: Result) -> list:
+    """Each H200 goal: the worst row of its kind against the target."""
+    def worst(pick):
+        rows = [r for r in res.rows if pick(r) and r.pct_copy]
+        return min(rows, key=lambda r: r.pct_copy) if rows else None
+
+    picks = {
+        "MX formats (FLOOR)": lambda r: r.impl == "qgate triton" and get_format(r.fmt).scale is ScaleKind.E8M0
+        and get_format(r.fmt).scale_rule != "rceil",
+        "MX formats (RCEIL)": lambda r: r.impl == "qgate triton" and get_format(r.fmt).scale_rule == "rceil",
+        "nvfp4 block pass": lambda r: r.impl == "qgate block pass",
+        "fp8_channel": lambda r: r.impl == "qgate triton" and r.fmt == "fp8_channel",
+    }
+    out = []
+    for goal, target in GOALS:
+        r = worst(picks[goal])
+        out.append((goal, target, round(r.pct_copy, 1) if r else None, r.fmt if r else None,
+                    bool(r and r.pct_copy >= target)))
+    return out
+
+
 # --- the benchmark ------------------------------------------------------------------------
 
 def run(size_mib: int = 512, formats: tuple[str, ...] | None = None, peers: bool = True,
         mx_path: str | None = None, compile_formats: tuple[str, ...] = GOAL_FORMATS,
-        rep_ms: int = 200, deadline: float | None = None) -> Result:
-    """deadline (time.monotonic()): peers not started by then are listed as skipped."""
+        rep_ms: int = 200, deadline: float | None = None, sweep: bool = False) -> Result:
+    """deadline (time.monotonic()): peers not started by then are listed as skipped.
+    sweep: first choose this GPU's tiles by a measured sweep (sweep_tiles), then benchmark with them."""
     from qgate.backends.triton import TritonBackend
+    from qgate.backends.triton_tuning import source_of
 
     if not torch.cuda.is_available():
         from qgate.errors import QgateError
@@ -198,6 +305,8 @@ def run(size_mib: int = 512, formats: tuple[str, ...] | None = None, peers: bool
                  software=software_line(), shape=tuple(x.shape), bytes_moved=nbytes, copy_ms=copy_ms,
                  copy_gbps=nbytes / copy_ms / 1e6)
     _log(f"copy: {copy_ms:.3f} ms, {res.copy_gbps:.0f} GB/s")
+    if sweep:
+        res.sweep = sweep_tiles(x, res.copy_gbps)
 
     def row(fmt, impl, ms, qgate_ms=None, same=None, note=""):
         gbps = nbytes / ms / 1e6 if ms else None
@@ -208,17 +317,20 @@ def run(size_mib: int = 512, formats: tuple[str, ...] | None = None, peers: bool
         return r
 
     backend = TritonBackend()
+    res.tiles = backend.tiles(x.device)
+    res.tiles_source = source_of(torch.cuda.get_device_name(x.device))
     out = torch.empty_like(x)
     for name in formats:
         fmt = get_format(name)
         backend.fake_quantize(x, fmt, out=out)  # compile + warm
         q_ms = time_ms(lambda: backend.fake_quantize(x, fmt, out=out), rep_ms)
-        row(name, "qgate triton", q_ms)
+        row(name, "qgate triton", q_ms, note="; ".join(f"{k} {tile_text(res.tiles[k])}" for k in kernels_of(fmt)))
         ours = out.clone()
         if name == "nvfp4":
             amax = backend.tensor_amax_bits(x)
-            b_ms = time_ms(lambda: backend.nvfp4_block_pass(x, amax), rep_ms)
-            row(name, "qgate block pass", b_ms, note="tensor amax given")
+            b_out = torch.empty_like(x)
+            b_ms = time_ms(lambda: backend.nvfp4_block_pass(x, amax, out=b_out), rep_ms)
+            row(name, "qgate block pass", b_ms, note=f"tensor amax given; {tile_text(res.tiles['nvfp4'])}")
             a_ms = time_ms(lambda: backend.tensor_amax_bits(x), rep_ms)
             res.rows.append(Row(name, "qgate amax pass", a_ms, x.numel() * 2 / a_ms / 1e6, None, None, None,
                                 "reads the tensor once; GB/s of that read"))
@@ -241,6 +353,7 @@ def run(size_mib: int = 512, formats: tuple[str, ...] | None = None, peers: bool
             except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
                 row(name, impl, None, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             torch.cuda.empty_cache()
+    res.goals = goals(res)
     return res
 
 
@@ -321,6 +434,7 @@ def format_table(res: Result) -> str:
              f"tensor: bf16 {res.shape[0]}x{res.shape[1]} ({res.bytes_moved / 2 / 2**20:.0f} MiB); "
              f"GB/s = (bytes read + bytes written) / time",
              f"copy (ceiling): {res.copy_ms:.3f} ms  {res.copy_gbps:.0f} GB/s",
+             f"tiles: {res.tiles_source}",
              "",
              f"{'format':12s} {'implementation':18s} {'ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'qgate x':>8s} "
              f"{'same bits':>9s}  note"]
@@ -331,6 +445,22 @@ def format_table(res: Result) -> str:
         sp = f"{r.qgate_speedup:7.1f}x" if r.qgate_speedup else f"{'':>8s}"
         sb = f"{100 * r.same_bits:8.2f}%" if r.same_bits is not None and not math.isnan(r.same_bits) else f"{'':>9s}"
         lines.append(f"{r.fmt:12s} {r.impl:18s} {ms} {gb} {pc} {sp} {sb}  {r.note}".rstrip())
+    if res.goals:
+        lines += ["", "goals (% of copy; the worst format of each kind):"]
+        for goal, target, got, fmt, met in res.goals:
+            lines.append(f"  {goal:20s} >= {target:5.1f}%  " + (f"{got:5.1f}% ({fmt})  {'met' if met else 'NOT met'}"
+                                                                if got is not None else "not measured"))
+    if res.sweep:
+        lines += ["", f"tile sweep ({res.sweep['_seconds']} s; cached for {res.sweep['_device']}; every config's "
+                      "output compared bit for bit with the default tile's):"]
+        for kernel, v in res.sweep.items():
+            if kernel.startswith("_"):
+                continue
+            c = v["chosen"]
+            n_bad = sum(1 for t in v["configs"] if t["differing_elements"])
+            lines.append(f"  {kernel:9s} on {v['format']:12s} chosen {tile_text(c['config']):24s} {c['ms']:.3f} ms "
+                         f"{c['pct_copy']:5.1f}%  default {tile_text(v['default']['config']):24s} "
+                         f"{v['default']['ms']:.3f} ms  ({len(v['configs'])} configs, {n_bad} differing)")
     if res.model:
         m = res.model
         lines += ["", f"whole model: {m['config']}, {m['linear_layers']} decoder Linear weights, "
@@ -363,10 +493,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="formats whose torchao peer is also timed under torch.compile")
     ap.add_argument("--model", action="store_true", help="add the whole-model figure (Qwen2.5-7B shapes)")
     ap.add_argument("--json", default=None, help="write all numbers here")
+    ap.add_argument("--sweep", action="store_true",
+                    help="first choose this GPU's tile shapes by a measured sweep (cached per device name)")
+    ap.add_argument("--rep-ms", type=int, default=200, help="timing window per measurement")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="peers not started within this many seconds of the start are listed as skipped")
     args = ap.parse_args(argv)
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     formats = tuple(f for f in args.formats.split(",") if f) or None
     res = run(args.size_mib, formats, not args.no_peers, args.mx_path,
-              tuple(f for f in args.compile_formats.split(",") if f))
+              tuple(f for f in args.compile_formats.split(",") if f), rep_ms=args.rep_ms, deadline=deadline,
+              sweep=args.sweep)
     if args.model:
         res.model = model_figure()
     if args.json:

@@ -9,7 +9,11 @@ How each format runs (reads and writes of the tensor in device memory):
   One read, one write.
 * NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write).
 * fp8 (per tensor): the same amax pass, then an elementwise pass.
-* fp8_channel: one program per row; the row is read twice in a row, the second time from L2.
+* fp8_channel: a few rows per program; each row is read twice in a row, the second time from L2.
+
+Tile shapes (blocks or rows per program, warps) are chosen per GPU model (qgate.backends.triton_tuning);
+no reduction that sets a scale spans more than one block or one row, and each is an exact integer
+maximum, so the tile never changes a bit of the output.
 
 Bit-exactness, and why it holds:
 
@@ -36,12 +40,14 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from qgate.backends.base import Backend
+from qgate.backends.triton_tuning import configs_for
 from qgate.errors import UsageError
 from qgate.formats import (
     E2M1,
@@ -59,14 +65,10 @@ _LAUNCH = {} if _INTERPRET else {"enable_fp_fusion": False}
 DIV_RN = 0          # IEEE division per element
 DIV_MARKSTEIN = 1   # reciprocal per block + one exact residual correction (same result, fewer ops)
 
-# Tile shapes chosen on an H100 (bench/NOTES-kernels.md): blocks per program and warps.
-MX_BLOCKS_PER_PROGRAM = 64
-NVFP4_BLOCKS_PER_PROGRAM = 128
+# Tile shapes per GPU model: qgate.backends.triton_tuning. The elementwise fp8 pass keeps one shape.
 ELEMENTWISE_BLOCK = 2048
-AMAX_BLOCK, AMAX_TILES = 4096, 8
-FP8_ROW_WARPS = 8
+ELEMENTWISE_WARPS = 4
 L2_REVERSE = False
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -253,23 +255,24 @@ def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl
 
 
 @triton.jit
-def _fp8_row_kernel(x_ptr, y_ptr, K, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, INT64: tl.constexpr,
-                    DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """One program per row: amax over the row's finite values, then quantize with s = amax / 448."""
-    row = tl.program_id(0)
+def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
+                    INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """ROWS rows per program: each row's amax over its finite values, then quantize with s = amax / 448."""
     if INT64:
-        base = row.to(tl.int64) * K
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     else:
-        base = row * K
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    base = rows * K
     cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_K], dtype=tl.int32)
+    acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
     for t in range(K_TILES):
         k0 = t * BLOCK_K
-        m = (k0 + cols) < K
-        x = tl.load(x_ptr + base + k0 + cols, mask=m, other=0.0).to(tl.float32)
+        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+        x = tl.load(x_ptr + base[:, None] + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
-    amax = tl.max(acc, axis=0).to(tl.float32, bitcast=True)
+    amax = tl.max(acc, axis=1).to(tl.float32, bitcast=True)  # exact: an integer max, whatever BLOCK_K is
     s = tl.math.div_rn(amax, 448.0)
     s = tl.where(s > 0, s, 1.0)
     lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
@@ -277,13 +280,15 @@ def _fp8_row_kernel(x_ptr, y_ptr, K, BLOCK_K: tl.constexpr, K_TILES: tl.constexp
     recip = tl.math.div_rn(1.0, s_l)
     for t in range(K_TILES):
         k0 = t * BLOCK_K
-        m = (k0 + cols) < K
-        x = tl.load(x_ptr + base + k0 + cols, mask=m, other=0.0).to(tl.float32)
-        q = _round_to_element(_exact_quotient(x * lift, s_l, recip, DIV_MODE), -6, 3, 448.0, False)
-        y = q * s
+        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+        offs = base[:, None] + k0 + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        v = _exact_quotient(x * lift[:, None], s_l[:, None], recip[:, None], DIV_MODE)
+        q = _round_to_element(v, -6, 3, 448.0, False)
+        y = q * s[:, None]
         finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
         y = tl.where(finite, y, float("nan"))
-        tl.store(y_ptr + base + k0 + cols, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
+        tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -291,21 +296,40 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class TritonBackend(Backend):
-    """Fused Triton kernels for every format; CUDA tensors of float32, float16 or bfloat16."""
+    """Fused Triton kernels for every format; CUDA tensors of float32, float16 or bfloat16.
+
+    Tile shapes come per GPU model from qgate.backends.triton_tuning (a measured sweep, else the
+    built-in table); ``tiles`` ({kernel: config}) or the single-value arguments override them. A tile
+    never changes the result, only the speed."""
 
     name = "triton"
 
-    def __init__(self, div_mode: int | None = None, mx_blocks_per_program: int = MX_BLOCKS_PER_PROGRAM,
-                 nvfp4_blocks_per_program: int = NVFP4_BLOCKS_PER_PROGRAM, num_warps: int = NUM_WARPS,
-                 force_int64: bool = False, l2_reverse: bool = L2_REVERSE, row_warps: int = FP8_ROW_WARPS):
+    def __init__(self, div_mode: int | None = None, mx_blocks_per_program: int | None = None,
+                 nvfp4_blocks_per_program: int | None = None, num_warps: int | None = None,
+                 force_int64: bool = False, l2_reverse: bool = L2_REVERSE, row_warps: int | None = None,
+                 tiles: dict[str, dict[str, int]] | None = None):
         # The interpreter (CPU) has no true fused multiply-add, so it checks the IEEE-division path.
         self.div_mode = (DIV_RN if _INTERPRET else DIV_MARKSTEIN) if div_mode is None else div_mode
-        self.mx_r = mx_blocks_per_program
-        self.nvfp4_r = nvfp4_blocks_per_program
-        self.num_warps = num_warps
         self.force_int64 = force_int64  # 64-bit offsets even for small tensors (tests of that path)
         self.l2_reverse = l2_reverse  # second pass of NVFP4/fp8 walks the tensor backwards
-        self.row_warps = row_warps
+        self.overrides: dict[str, dict[str, int]] = {k: dict(v) for k, v in (tiles or {}).items()}
+        for kernel, key, value in (("mx", "R", mx_blocks_per_program), ("mx_rceil", "R", mx_blocks_per_program),
+                                   ("nvfp4", "R", nvfp4_blocks_per_program), ("mx", "num_warps", num_warps),
+                                   ("mx_rceil", "num_warps", num_warps), ("nvfp4", "num_warps", num_warps),
+                                   ("fp8_row", "num_warps", row_warps)):
+            if value is not None:
+                self.overrides.setdefault(kernel, {})[key] = value
+        self._by_device: dict[Any, dict[str, dict[str, int]]] = {}
+
+    def tiles(self, device: torch.device | str | None = None) -> dict[str, dict[str, int]]:
+        """kernel -> tile config used on ``device`` (default: the current CUDA device)."""
+        dev = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        if dev not in self._by_device:
+            name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+            tuned = configs_for(name)
+            self._by_device[dev] = {k: dict(tuned[k], **self.overrides.get(k, {})) for k in tuned}
+        return self._by_device[dev]
 
     def _int64(self, numel: int, tile: int) -> bool:
         return self.force_int64 or numel + tile >= 2**31
@@ -353,39 +377,43 @@ class TritonBackend(Backend):
                     EVEN_N=n_blocks % r == 0, INT64=self._int64(numel + K, block * r))
 
     def _mx(self, src, out, K, elem: ElementType, block: int, rceil: bool = False) -> None:
-        g = self._block_geometry(src.numel(), K, block, self.mx_r)
-        grid = (_cdiv(g["n_blocks"], self.mx_r),)
+        t = self.tiles(src.device)["mx_rceil" if rceil else "mx"]
+        g = self._block_geometry(src.numel(), K, block, t["R"])
+        grid = (_cdiv(g["n_blocks"], t["R"]),)
         _mx_kernel[grid](src, out, g["n_blocks"], K, g["blocks_per_row"],
                          EMAX=elem.emax, EMIN=elem.emin, MBITS=elem.mbits, MAXV=elem.max_value,
-                         IS_INT=elem.is_int, BLOCK=block, R=self.mx_r, EVEN_K=g["EVEN_K"],
-                         EVEN_N=g["EVEN_N"], INT64=g["INT64"], SOFT_BF16=_INTERPRET, RCEIL=rceil, num_warps=self.num_warps,
-                         **_LAUNCH)
+                         IS_INT=elem.is_int, BLOCK=block, R=t["R"], EVEN_K=g["EVEN_K"],
+                         EVEN_N=g["EVEN_N"], INT64=g["INT64"], SOFT_BF16=_INTERPRET, RCEIL=rceil,
+                         num_warps=t["num_warps"], **_LAUNCH)
 
     def tensor_amax_bits(self, src: torch.Tensor) -> torch.Tensor:
         """amax over the finite values of |src|, as a one-element int32 tensor of float32 bits."""
+        t = self.tiles(src.device)["amax"]
         amax = torch.zeros(1, dtype=torch.int32, device=src.device)
         n = src.numel()
-        block, tiles = AMAX_BLOCK, AMAX_TILES
+        block, tiles = t["BLOCK"], t["TILES"]
         _amax_finite_kernel[(_cdiv(n, block * tiles),)](src, amax, n, BLOCK=block, TILES=tiles,
-                                                         INT64=self._int64(n, block * tiles), num_warps=8, **_LAUNCH)
+                                                         INT64=self._int64(n, block * tiles),
+                                                         num_warps=t["num_warps"], **_LAUNCH)
         return amax
 
     def _nvfp4(self, src, out, K, block: int, amax_bits: torch.Tensor | None = None) -> None:
         assert block == 16 and E2M1.max_value == 6.0 and E4M3.max_value == 448.0
         if amax_bits is None:
             amax_bits = self.tensor_amax_bits(src)
-        g = self._block_geometry(src.numel(), K, block, self.nvfp4_r)
-        grid = (_cdiv(g["n_blocks"], self.nvfp4_r),)
+        t = self.tiles(src.device)["nvfp4"]
+        g = self._block_geometry(src.numel(), K, block, t["R"])
+        grid = (_cdiv(g["n_blocks"], t["R"]),)
         _nvfp4_kernel[grid](src, out, amax_bits, g["n_blocks"], K, g["blocks_per_row"],
-                            BLOCK=block, R=self.nvfp4_r, EVEN_K=g["EVEN_K"], EVEN_N=g["EVEN_N"],
+                            BLOCK=block, R=t["R"], EVEN_K=g["EVEN_K"], EVEN_N=g["EVEN_N"],
                             INT64=g["INT64"], DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse,
-                            num_warps=self.num_warps,
-                            **_LAUNCH)
+                            num_warps=t["num_warps"], **_LAUNCH)
 
-    def nvfp4_block_pass(self, src: torch.Tensor, amax_bits: torch.Tensor) -> torch.Tensor:
+    def nvfp4_block_pass(self, src: torch.Tensor, amax_bits: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
         """NVFP4 with the tensor amax already known (e.g. calibrated): the fused block pass alone."""
         src = src.contiguous()
-        out = torch.empty_like(src)
+        out = torch.empty_like(src) if out is None else out
         self._nvfp4(src, out, src.shape[-1] if src.dim() else 1, 16, amax_bits)
         return out
 
@@ -394,11 +422,14 @@ class TritonBackend(Backend):
         n = src.numel()
         _fp8_tensor_kernel[(_cdiv(n, ELEMENTWISE_BLOCK),)](
             src, out, amax_bits, n, BLOCK=ELEMENTWISE_BLOCK, INT64=self._int64(n, ELEMENTWISE_BLOCK),
-            DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse, num_warps=self.num_warps, **_LAUNCH)
+            DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse, num_warps=ELEMENTWISE_WARPS,
+            **_LAUNCH)
 
     def _fp8_rows(self, src, out, K) -> None:
+        t = self.tiles(src.device)["fp8_row"]
         rows = src.numel() // K
-        block_k = min(4096, triton.next_power_of_2(K))
-        _fp8_row_kernel[(rows,)](src, out, K, BLOCK_K=block_k, K_TILES=_cdiv(K, block_k),
-                                 INT64=self._int64(src.numel(), block_k), SOFT_BF16=_INTERPRET,
-                                 DIV_MODE=self.div_mode, num_warps=self.row_warps, **_LAUNCH)
+        block_k = min(t["BLOCK_K"], triton.next_power_of_2(K))
+        _fp8_row_kernel[(_cdiv(rows, t["ROWS"]),)](
+            src, out, rows, K, ROWS=t["ROWS"], BLOCK_K=block_k, K_TILES=_cdiv(K, block_k),
+            INT64=self._int64(src.numel() + K * t["ROWS"], block_k), SOFT_BF16=_INTERPRET,
+            DIV_MODE=self.div_mode, num_warps=t["num_warps"], **_LAUNCH)

@@ -1,0 +1,118 @@
+"""Per-GPU tile shapes of the triton kernels: where a device's configs come from, and that no config of
+the tuning space changes a bit of the output (every tile shape, run by Triton's interpreter on the CPU,
+against the reference backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qgate.backends import triton_tuning as tt
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGATE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tt, "_resolved", {})
+    return tmp_path / tt.CACHE_NAME
+
+
+def test_defaults_then_the_built_in_table_then_a_cached_sweep(cache):
+    assert tt.configs_for(None) == tt.DEFAULT  # the interpreter
+    assert tt.configs_for("Some GPU") == tt.DEFAULT and tt.source_of("Some GPU") == "defaults"
+    h200 = tt.configs_for("NVIDIA H200")
+    assert h200["nvfp4"] == tt.KNOWN["NVIDIA H200"]["nvfp4"] != tt.DEFAULT["nvfp4"]
+    assert h200["mx"] == tt.DEFAULT["mx"] and tt.source_of("NVIDIA H200") == "built-in table"
+
+    chosen = {"nvfp4": {"R": 256, "num_warps": 2}, "fp8_row": {"ROWS": 2, "BLOCK_K": 2048, "num_warps": 8}}
+    tt.save_sweep("NVIDIA H200", chosen, {"nvfp4": {"ms": 0.3}})
+    tt.save_sweep("Other GPU", {"mx": {"R": 32, "num_warps": 8}}, {})
+    h200 = tt.configs_for("NVIDIA H200")
+    assert h200["nvfp4"] == chosen["nvfp4"] and h200["fp8_row"] == chosen["fp8_row"]
+    assert h200["mx"] == tt.DEFAULT["mx"]
+    assert tt.configs_for("Other GPU")["mx"] == {"R": 32, "num_warps": 8}
+    saved = json.loads(cache.read_text())
+    assert set(saved) == {"NVIDIA H200", "Other GPU"} and saved["NVIDIA H200"]["measured"] == {"nvfp4": {"ms": 0.3}}
+    assert "sweep cached" in tt.source_of("NVIDIA H200")
+
+
+def test_a_cached_config_outside_the_space_is_ignored(cache):
+    cache.write_text(json.dumps({"NVIDIA H200": {"configs": {"nvfp4": {"R": 96, "num_warps": 2},
+                                                             "mx": {"R": 128, "num_warps": 8}}}}))
+    got = tt.configs_for("NVIDIA H200")
+    assert got["nvfp4"] == tt.KNOWN["NVIDIA H200"]["nvfp4"]  # R=96 is no tile a test covered
+    assert got["mx"] == {"R": 128, "num_warps": 8}
+    with pytest.raises(ValueError, match="outside the tuning space"):
+        tt.save_sweep("NVIDIA H200", {"nvfp4": {"R": 96, "num_warps": 2}}, {})
+    cache.write_text("not json")
+    tt._resolved.clear()
+    assert tt.configs_for("NVIDIA H200")["mx"] == tt.DEFAULT["mx"]
+
+
+def test_the_space_holds_the_defaults_and_the_built_in_table():
+    for kernel, cfg in tt.DEFAULT.items():
+        assert cfg in tt.SPACE[kernel], kernel
+    for table in tt.KNOWN.values():
+        for kernel, cfg in table.items():
+            assert cfg in tt.SPACE[kernel], kernel
+
+
+@pytest.mark.skipif(not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1", reason="triton is not installed")
+def test_every_tile_of_the_space_is_bit_exact_in_the_triton_interpreter():
+    """Each tile shape of SPACE (warps do not exist in the interpreter) on tensors with tail blocks, a
+    last program only partly filled, several column steps per row and several amax programs, NaN/Inf
+    blocks and rows spanning 1e-30..1e20: the same bits as the reference."""
+    script = textwrap.dedent("""
+        import torch
+        from qgate.backends.reference import ReferenceBackend
+        from qgate.backends.triton import TritonBackend
+        from qgate.backends.triton_tuning import SPACE
+        from qgate.formats import get_format
+        ref = ReferenceBackend()
+        g = torch.Generator().manual_seed(1)
+        wide = torch.randn(5, 2100, generator=g) * torch.logspace(-30, 20, 5).unsqueeze(1)
+        wide[1, 7] = float("nan"); wide[2, 2099] = float("inf")
+        mid = torch.randn(13, 673, generator=g) * torch.logspace(-3, 3, 13).unsqueeze(1)
+        mid[3, 40] = float("inf")
+        many = torch.randn(61, 673, generator=g)  # more values than the largest amax tile: several programs
+        small = torch.randn(3, 7, 48, generator=g)
+        # (tensor, dtype): the tile decides indexing and masks only, so one bf16 case suffices
+        cases = [(wide, torch.float32), (mid, torch.float32), (mid, torch.bfloat16), (small, torch.float32)]
+        amax_cases = [(wide, torch.float32), (many, torch.float32), (many, torch.bfloat16), (small, torch.float32)]
+        formats = {"mx": "mxfp4", "mx_rceil": "mxfp4_rceil", "nvfp4": "nvfp4", "amax": "fp8", "fp8_row": "fp8_channel"}
+        bad, runs = [], 0
+        for kernel, space in SPACE.items():
+            shapes = {tuple((k, v) for k, v in sorted(c.items()) if k != "num_warps"): c for c in space}
+            for cfg in shapes.values():
+                tri = TritonBackend(tiles={kernel: cfg})
+                assert tri.tiles("cpu")[kernel] == cfg
+                fmt = get_format(formats[kernel])
+                for x, dtype in (amax_cases if kernel == "amax" else cases):
+                    xx = x.to(dtype)
+                    a, b = tri.fake_quantize(xx, fmt), ref.fake_quantize(xx, fmt)
+                    runs += 1
+                    if not torch.equal(torch.nan_to_num(a.float(), nan=7.0), torch.nan_to_num(b.float(), nan=7.0)):
+                        bad.append((kernel, cfg, fmt.name, str(dtype), tuple(xx.shape)))
+        print("RUNS", runs)
+        print("MISMATCHES", bad)
+    """)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MISMATCHES []" in res.stdout, res.stdout[-3000:]
+    runs = int(res.stdout.split("RUNS")[1].split()[0])
+    shapes = sum(len({tuple(sorted((k, v) for k, v in c.items() if k != "num_warps")) for c in space})
+                 for space in tt.SPACE.values())
+    assert runs == shapes * 4  # every tile shape ran on every case
