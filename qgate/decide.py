@@ -2,7 +2,7 @@
 down the fallback chain (candidate -> fallback formats -> outcome).
 
 There is one copy of each rule. The gate and a policy review both call ``walk_chain``; they differ
-only in the evidence they pass: the gate evaluates on demand, a review looks samples up in the store.
+only in the evidence they pass: the gate reads what its units stored, a review looks samples up in the store.
 
 Decision rule (``delta`` = candidate - baseline, oriented so that a drop is bad; ``allowed`` is
 the allowed drop from ``max_drop`` or ``min_recovery``; the CI is two-sided at ``confidence``):
@@ -364,7 +364,7 @@ def walk_chain(policy: Policy, member: str, fmt: str, tasks: Sequence[str], evid
                on_decided: Callable[[list[TaskVerdict]], None] | None = None) -> ChainOutcome:
     """The candidate ships when no task's effect is "fail"; otherwise the fallback chain is walked in
     order and the first format that passes ships instead; none passing is "blocked". A step whose
-    evidence is missing stops the walk "undecided" (never with the gate, which evaluates on demand).
+    evidence is missing stops the walk "undecided" (the gate then runs that step's units and walks again).
     ``on_decided`` sees each step's verdicts as they are made."""
     chain = fallback_chain(policy, fmt)
     reasons: list[str] = []

@@ -1,9 +1,9 @@
 """The gate runner: policy -> plan -> baseline -> candidate -> decide -> fallback -> record.
 
-It orchestrates only: decisions come from qgate.decide (the same engine a policy review uses, here
-with evidence evaluated on demand), keys from qgate.keys, SQL from qgate.store, models from
-qgate.models, quantization from qgate.quantize, evaluation from qgate.evaluation, the report from
-qgate.report. Everything a run needs is validated before the database is opened, so a bad policy,
+It orchestrates only: it plans units (member x format with its evaluations) and hands them to an
+executor (qgate.executors: local, in this process, by default; or Ray), which loads, quantizes,
+evaluates and stores; decisions then come from qgate.decide (the same engine a policy review uses)
+on the stored evidence, keys from qgate.keys, SQL from qgate.store, the report from qgate.report. Everything a run needs is validated before the database is opened, so a bad policy,
 family or format leaves no trace. Every evaluation is keyed by content hashes and looked up before
 anything is loaded: a member whose evaluations are all stored is never loaded at all, and a run
 that was killed resumes from what its predecessor stored.
@@ -41,7 +41,7 @@ from qgate.policy import MemberPolicy, load_policy
 from qgate.preflight import check_recipes, check_suite_tasks
 from qgate.progress import Progress
 from qgate.report.render import render_run
-from qgate.store import NON_FINITE, check_location, open_store, redact_url, utcnow
+from qgate.store import NON_FINITE, check_location, open_store, redact_url
 
 EXIT_SHIPS = 0
 EXIT_BLOCKED = 1
@@ -260,7 +260,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class _Runner:
-    """One gate run's state: the store, the loaded model (at most one at a time), counters."""
+    """One gate run's state: the store, its keys, counters and the verdicts shown."""
 
     def __init__(self, setup: _Setup, store, run_id: int, bar, log: Callable[[str], None]):
         self.s = setup
@@ -271,8 +271,7 @@ class _Runner:
         self.evaluations_run = 0
         self.evaluations_cached = 0
         self.models_loaded = 0
-        self.loaded = None  # (member name, format, LoadedModel)
-        self.requested = None  # the candidate format whose chain is being walked (for progress notes)
+        self.noted: set[tuple[str, str, str]] = set()  # (member, format, task) verdicts already shown
         self.seconds: dict[tuple, float | None] = {}  # (member, format, task) -> the evaluation's duration
         self.version = __version__
         self.runtime = {"device": setup.device.type, "dtype": str(setup.dtype).removeprefix("torch.")}
@@ -283,7 +282,6 @@ class _Runner:
             store.put_task_config(self.task_ids[t.name], task=t.name, config=cfg)
         self.quant_ids: dict[str, str] = {}
         self.quant_configs: dict[str, dict] = {}
-        self.fidelity: dict[str, dict] = {}  # checkpoint candidate -> scheme and fidelity summary
 
     # -- keys --
 
@@ -307,145 +305,14 @@ class _Runner:
     def task_runtime(self, task_name: str) -> dict:
         return task_runtime(self.runtime, self.s.suite.task(task_name).to_dict())
 
-    # -- models --
-
-    def model_for(self, m: _MemberPlan, fmt: str):
-        """The member's model, quantized to ``fmt`` (bf16: untouched); loads/reloads only when needed."""
-        if self.loaded and self.loaded[0] == m.name and self.loaded[1] == fmt:
-            return self.loaded[2]
-        from qgate.models import load_member
-
-        self.loaded = None  # drop the previous model before loading the next (memory)
-        if fmt in self.s.checkpoints:
-            lm = self._load_checkpoint(m, fmt)
-            self.loaded = (m.name, fmt, lm)
-            return lm
-        started = time.perf_counter()
-        lm = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=self.bar.enabled and self.bar.bar)
-        self.models_loaded += 1
-        if lm.checkpoint_hash != m.checkpoint_id:
-            raise QgateError(f"{m.name}: the checkpoint changed while the gate ran "
-                             f"({m.checkpoint_id} planned, {lm.checkpoint_hash} loaded); run again")
-        self.bar.note(f"loaded {m.name} ({lm.device}, {str(lm.dtype).removeprefix('torch.')}) "
-                      f"in {time.perf_counter() - started:.1f} s")
-        if fmt != BASELINE:
-            self._quantize(m, fmt, lm)
-        self.loaded = (m.name, fmt, lm)
-        return lm
-
-    def _load_checkpoint(self, m: _MemberPlan, name: str):
-        """A checkpoint candidate, dequantized; its fidelity to qgate's emulation of its format recorded once."""
-        from qgate.checkpoints import candidate_fidelity, load_candidate
-        from qgate.models import LoadedModel, load_member
-
-        cand = self.s.checkpoints[name]
-        started = time.perf_counter()
-        base = load_member(m.spec, device=self.s.device, dtype=self.s.dtype, progress=False)
-        model, tokenizer = load_candidate(cand, self.s.device, self.s.dtype, progress=True)
-        self.models_loaded += 1
-        rows, fid, fid_lines = candidate_fidelity(cand, base.model, model)
-        summary = {"scheme": cand.scheme_text(), "qgate_format": cand.qgate_format, "checkpoint": cand.checkpoint_id,
-                   "path": cand.candidate.location, "fidelity": fid}
-        lines = [f"checkpoint {cand.candidate.location} ({cand.checkpoint_id})", f"scheme: {cand.scheme_text()}",
-                 *fid_lines]
-        self.store.put_quant_config(self.quant_id(name), format=name, recipe="checkpoint",
-                                    config=dict(self.quant_configs[name], scheme=cand.scheme,
-                                                quantization_config=cand.quantization_config),
-                                    stats=rows, summary=summary, log=lines)
-        self.fidelity[name] = summary
-        for line in lines:
-            self.bar.note(f"{name}: {line}")
-        self.bar.note(f"loaded candidate {name} in {time.perf_counter() - started:.1f} s")
-        return LoadedModel(model=model, tokenizer=tokenizer, spec=m.spec, checkpoint_hash=cand.checkpoint_id,
-                           device=next(model.parameters()).device, dtype=self.s.dtype,
-                           config_dict=model.config.to_dict())
-
-    def _quantize(self, m: _MemberPlan, fmt: str, lm) -> None:
-        from qgate.quantize import quantize_model, summary_sqnr
-
-        choice = self.s.policy.format_choice(fmt)
-        planned_id = self.quant_id(fmt)
-        result = quantize_model(lm.model, fmt, recipe=choice.recipe, backend=self.s.backend_name,
-                                progress=self.bar.bar)
-        actual = result.config()
-        if content_hash(actual) != planned_id:
-            raise RuntimeError(f"quantization config of {fmt} differs from the planned one: "
-                               f"{actual} vs {self.quant_configs[fmt]}")
-        summary = result.summary()
-        self.store.put_quant_config(planned_id, format=fmt, recipe=choice.recipe, config=actual,
-                                    stats=[t.to_dict() for t in result.tensors], summary=summary,
-                                    log=result.log_lines())
-        self.bar.note(f"quantized {m.name} to {fmt} ({choice.recipe if isinstance(choice.recipe, str) else 'inline'}"
-                      f" recipe): {summary.get('tensors')} tensors, SQNR {summary_sqnr(summary)}, "
-                      f"promoted {100 * summary.get('promoted_share', 0):.2f}% of blocks")
-
-    # -- evaluations --
-
-    def ensure(self, m: _MemberPlan, fmt: str, role: str) -> dict[str, str]:
-        """Make sure every task of the suite is evaluated for (member, fmt); returns task -> key."""
-        keys = {t.name: self.key(m, fmt, t.name) for t in self.s.suite.tasks}
-        cached = self.store.cached_keys(keys.values())
-        for t in self.s.suite.tasks:
-            key = keys[t.name]
-            what = f"{m.name} {fmt} {t.name}"
-            if key in cached:
-                self.store.link_evaluation(self.run_id, key, member=m.name, format=fmt, role=role, task=t.name,
-                                           cached=True)
-                self.evaluations_cached += 1
-                self.bar.step(f"{what}: cached")
-                continue
-            lm = self.model_for(m, fmt)
-            self.bar.show(f"{what}: evaluating")
-            self._evaluate(m, fmt, role, t, key, lm)
-            self.bar.step(f"{what}: done")
-        return keys
-
-    def _evaluate(self, m: _MemberPlan, fmt: str, role: str, task_spec, key: str, lm) -> None:
-        from qgate.evaluation.runner import evaluate_task
-
-        started_at, started = utcnow(), time.perf_counter()
-        result = evaluate_task(lm.model, lm.tokenizer, task_spec, limit=effective_limit(task_spec, self.s.limit),
-                               progress=self.bar if self.bar.enabled else None)
-        hib = result.higher_is_better
-        if not isinstance(hib, dict):
-            hib = {result.primary_metric: bool(hib)}
-        saved = self.store.save_evaluation(
-            key, checkpoint_id=m.checkpoint_id, quant_config_id=self.quant_id(fmt),
-            task_config_id=self.task_ids[task_spec.name], qgate_version=self.version, task=task_spec.name,
-            format=fmt, metrics=result.metrics, primary_metric=result.primary_metric, higher_is_better=hib,
-            n=result.n, samples_rows=result.samples, data_source=getattr(result, "data_source", None),
-            extras=getattr(result, "extras", None), runtime=dict(self.task_runtime(task_spec.name), backend=self.s.backend_name),
-            duration_s=time.perf_counter() - started, started_at=started_at, lm_eval_log=result.lm_eval_log,
-            run_link=dict(run_id=self.run_id, member=m.name, format=fmt, role=role, task=task_spec.name))
-        if saved.inserted:
-            self.evaluations_run += 1
-        else:  # another process stored the same evaluation meanwhile; its copy stands
-            self.evaluations_cached += 1
-
     # -- decisions --
 
-    def evidence(self, m: _MemberPlan, base_keys: dict[str, str]):
-        """The decision engine's evidence source for member ``m``: evaluated on demand, a format's whole
-        suite at its first task."""
-        tasks = {t.name: t for t in self.s.suite.tasks}
-        evaluated: dict[str, dict[str, str]] = {}
-
-        def source(member: str, fmt: str, role: str, task: str) -> Evidence:
-            if fmt not in evaluated:
-                if role == "fallback":
-                    self.bar.total += len(tasks)
-                    self.bar.note(f"{member}: {self.requested} is blocked; trying fallback {fmt}")
-                evaluated[fmt] = self.ensure(m, fmt, role)
-            base = self.store.evaluation(base_keys[task]) or {}
-            cand = self.store.evaluation(evaluated[fmt][task]) or {}
-            self.seconds[(member, fmt, task)] = cand.get("duration_s")
-            return Evidence(self.store.samples(base_keys[task]), self.store.samples(evaluated[fmt][task]),
-                            tasks[task].to_dict(), base.get("higher_is_better") or {})
-
-        return source
-
     def note(self, decided: list[TaskVerdict]) -> None:
+        """Show each verdict once (a chain is walked again after its fallback's units ran)."""
         for v in decided:
+            if (v.member, v.format, v.task) in self.noted:
+                continue
+            self.noted.add((v.member, v.format, v.task))
             self.bar.note(f"{v.member} {v.format}: {v.decision.reason}"
                           + ("" if v.blocking else " [advisory]")
                           + (" [counts as fail]" if v.decision.verdict == "inconclusive" and v.effect == "fail"
@@ -467,29 +334,23 @@ def run_gate(family: str | None, formats: Sequence[str] | None = None, member: s
     own lm-eval tasks.
 
     progress: None = a bar on a terminal, plain lines otherwise; False = silent.
-    executor: None or "local" = in this process, evaluating on demand; "ray" (or an executor object,
-    qgate.executors) = planned units run by that executor, decided afterwards from the store.
+    executor: None or "local" = planned units run in this process; "ray" (or an executor object,
+    qgate.executors) = the same units run by that executor. Either way decided afterwards from the store.
     Raises QgateError (exit 2) for bad input, before the database is opened.
     """
     started = time.perf_counter()
     check_location(db)  # a database that cannot be written is found before anything else is read
     setup = _resolve(family, formats, member, suite, policy, backend, limit, device, dtype, model, revision,
                      include_path, candidates)
-    runs_units = None
-    if executor not in (None, "local") or ray_address:
-        runs_units = _start_executor(executor, ray_address, db)
-        try:
-            if device is None and runs_units.gpu_count() and setup.device.type != "cuda":  # workers have GPUs
-                setup = _resolve(family, formats, member, suite, policy, backend, limit, "cuda", dtype, model,
-                                 revision, include_path, candidates)
-        except BaseException:
-            runs_units.close()
-            raise
+    runs_units = _start_executor(executor, ray_address, db)
     try:
+        if (device is None and getattr(runs_units, "places_units", True) and runs_units.gpu_count()
+                and setup.device.type != "cuda"):  # the cluster's workers have GPUs
+            setup = _resolve(family, formats, member, suite, policy, backend, limit, "cuda", dtype, model,
+                             revision, include_path, candidates)
         return _gate(setup, db, progress, report, report_path, log, started, runs_units)
     finally:
-        if runs_units is not None:
-            runs_units.close()
+        runs_units.close()
 
 
 def _start_executor(executor: Any, ray_address: str | None, db: str | None):
@@ -514,6 +375,8 @@ def _gate(setup: _Setup, db, progress, report, report_path, log, started: float,
     n_tasks = len(setup.suite.tasks)
     bar = Progress(total=len(setup.members) * n_tasks * (1 + len(setup.formats)), label="qgate",
                    enabled=progress is not False)
+    if hasattr(runs_units, "progress"):  # units run in this process: they show their steps as they go
+        runs_units.progress = bar
     check_suite_tasks(setup.suite)
     for m in setup.members:
         m.checkpoint_id, m.file_hash = checkpoint_identity(m.spec)
@@ -537,8 +400,7 @@ def _gate(setup: _Setup, db, progress, report, report_path, log, started: float,
                                  revision=m.spec.revision, file_hash=m.file_hash,
                                  info={"source": m.spec.source, "description": m.spec.description or None})
         try:
-            result = (_run(setup, store, run_id, bar, log, started) if runs_units is None
-                      else _run_units(setup, store, run_id, bar, log, started, runs_units))
+            result = _run(setup, store, run_id, bar, log, started, runs_units)
         except BaseException as exc:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             code = EXIT_USAGE if isinstance(exc, QgateError) else (None if status == "interrupted" else EXIT_INTERNAL)
@@ -555,28 +417,10 @@ def _gate(setup: _Setup, db, progress, report, report_path, log, started: float,
         store.close()
 
 
-def _run(setup: _Setup, store, run_id: int, bar, log, started: float) -> GateResult:
-    pol = setup.policy
-    runner = _Runner(setup, store, run_id, bar, log)
-    tasks = setup.suite.task_names()
-    outcomes: list[ChainOutcome] = []
-    for m in setup.members:
-        base_keys = runner.ensure(m, BASELINE, "baseline")
-        _check_baseline_finite(store, m, base_keys)
-        for fmt in setup.formats:
-            if fmt in setup.checkpoints and setup.checkpoints[fmt].candidate.member != m.name:
-                continue  # a checkpoint is a candidate for the member it was made from only
-            runner.requested = fmt
-            outcomes.append(walk_chain(pol, m.name, fmt, tasks, runner.evidence(m, base_keys),
-                                       on_decided=runner.note))
-    runner.loaded = None
-    return _finish(setup, store, run_id, runner, outcomes, started)
-
-
-def _run_units(setup: _Setup, store, run_id: int, bar, log, started: float, executor) -> GateResult:
-    """The planned run: units (baselines first, then the candidates that share them) go to the executor,
-    which stores their evaluations; the decision engine then reads stored evidence only. A chain that
-    needs a fallback's evidence gets those units in a further round."""
+def _run(setup: _Setup, store, run_id: int, bar, log, started: float, executor) -> GateResult:
+    """The run: units (each member's baseline, then its candidates) go to the executor, which stores
+    their evaluations; the decision engine then reads stored evidence only. A chain that needs a
+    fallback's evidence gets those units in a further round."""
     from qgate.executors import member_gpus
     from qgate.executors.units import Unit, UnitTask
 
@@ -584,28 +428,40 @@ def _run_units(setup: _Setup, store, run_id: int, bar, log, started: float, exec
     runner = _Runner(setup, store, run_id, bar, log)
     tasks = setup.suite.task_names()
     by_name = {t.name: t for t in setup.suite.tasks}
-    on_gpu = setup.device.type == "cuda"
-    gpu_bytes = executor.gpu_bytes() if on_gpu else None
-    gpus = {m.name: member_gpus(m.spec, gpu_bytes, executor.gpu_count()) if on_gpu else 0 for m in setup.members}
+    members = {m.name: m for m in setup.members}
+    # a cluster places each unit on the GPUs it asks for; the local executor uses the gate's own device
+    placed = setup.device.type == "cuda" and getattr(executor, "places_units", True)
+    gpu_bytes = executor.gpu_bytes() if placed else None
+    gpus = {m.name: member_gpus(m.spec, gpu_bytes, executor.gpu_count()) if placed else 0 for m in setup.members}
+
+    def gated(m: _MemberPlan, fmt: str) -> bool:  # a checkpoint is a candidate for the member it was made from only
+        return fmt not in setup.checkpoints or setup.checkpoints[fmt].candidate.member == m.name
 
     def unit(m: _MemberPlan, fmt: str, role: str) -> Unit:
-        recipe = None if fmt == BASELINE else setup.policy.format_choice(fmt).recipe
+        cand = setup.checkpoints.get(fmt)
+        recipe = None if fmt == BASELINE or cand is not None else setup.policy.format_choice(fmt).recipe
+        quant_id = runner.quant_id(fmt)
         return Unit(db_url=store.url, run_id=run_id, member=m.name, spec=m.spec, checkpoint_id=m.checkpoint_id,
-                    format=fmt, role=role, recipe=recipe, quant_id=runner.quant_id(fmt), backend=setup.backend_name,
-                    device="cuda" if on_gpu else str(setup.device),  # a worker's GPUs are the ones it was given
+                    format=fmt, role=role, recipe=recipe, quant_id=quant_id, backend=setup.backend_name,
+                    device="cuda" if placed else str(setup.device),  # a worker's GPUs are the ones it was given
                     dtype=str(setup.dtype).removeprefix("torch."), runtime=runner.runtime, version=runner.version,
                     tasks=tuple(UnitTask(t, runner.key(m, fmt, t.name), runner.task_ids[t.name],
                                          effective_limit(t, setup.limit)) for t in setup.suite.tasks),
-                    gpus=gpus[m.name])
+                    gpus=gpus[m.name], candidate=cand,
+                    quant_config=runner.quant_configs[fmt] if cand is not None else None)
 
     def done(result) -> None:
-        for line in result.notes:
-            bar.note(line)
-        for t in result.found:
-            bar.step(f"{result.member} {result.format} {t}: cached")
-        for t in result.evaluated:
-            bar.step(f"{result.member} {result.format} {t}: done")
+        if not result.shown:  # a worker's lines, shown as its unit comes back
+            for line in result.notes:
+                bar.note(line)
+            for t in result.found:
+                bar.step(f"{result.member} {result.format} {t}: cached")
+            for t in result.evaluated:
+                bar.step(f"{result.member} {result.format} {t}: done")
         runner.models_loaded += result.loaded
+        if result.format == BASELINE:  # no candidate is judged against a broken baseline
+            m = members[result.member]
+            _check_baseline_finite(store, m, {t: runner.key(m, BASELINE, t) for t in tasks})
 
     def stored(m: _MemberPlan):
         def source(member: str, fmt: str, role: str, task: str) -> Evidence | str:
@@ -621,12 +477,15 @@ def _run_units(setup: _Setup, store, run_id: int, bar, log, started: float, exec
         return source
 
     ran: set[tuple[str, str]] = set()
-    planned = [unit(m, BASELINE, "baseline") for m in setup.members]
-    planned += [unit(m, fmt, "candidate") for m in setup.members for fmt in setup.formats]
+    planned = []
+    for m in setup.members:
+        planned.append(unit(m, BASELINE, "baseline"))
+        planned += [unit(m, fmt, "candidate") for fmt in setup.formats if gated(m, fmt)]
     while planned:
         executor.run(planned, done)
         ran.update((u.member, u.format) for u in planned)
-        outcomes = [walk_chain(pol, m.name, fmt, tasks, stored(m)) for m in setup.members for fmt in setup.formats]
+        outcomes = [walk_chain(pol, m.name, fmt, tasks, stored(m), on_decided=runner.note)
+                    for m in setup.members for fmt in setup.formats if gated(m, fmt)]
         planned = []
         for m in setup.members:
             for o in (o for o in outcomes if o.member == m.name and o.outcome == "undecided"):
@@ -637,8 +496,6 @@ def _run_units(setup: _Setup, store, run_id: int, bar, log, started: float, exec
                         bar.total += len(tasks)
                         bar.note(f"{m.name}: {o.format} is blocked; trying fallback {fmt}")
                         planned.append(unit(m, fmt, "fallback"))
-    for o in outcomes:
-        runner.note(o.verdicts)
     linked = store.run_evaluations(run_id)
     runner.evaluations_run = sum(1 for r in linked if not r["cached"])
     runner.evaluations_cached = len(linked) - runner.evaluations_run
@@ -666,12 +523,9 @@ def _finish(setup: _Setup, store, run_id: int, runner: _Runner, outcomes: list[C
 
 
 def _candidate_row(store, runner, cand) -> dict:
-    """A checkpoint candidate for --json: its scheme, hash and fidelity (from the store when it was cached)."""
-    summary = runner.fidelity.get(cand.name)
-    if summary is None:
-        row = store.quant_config(runner.quant_id(cand.name)) or {}
-        summary = row.get("summary") or {}
-    return dict(cand.describe(), fidelity=summary.get("fidelity"))
+    """A checkpoint candidate for --json: its scheme, hash and fidelity (as its unit stored them)."""
+    row = store.quant_config(runner.quant_id(cand.name)) or {}
+    return dict(cand.describe(), fidelity=(row.get("summary") or {}).get("fidelity"))
 
 
 def _check_baseline_finite(store, m: _MemberPlan, base_keys: dict[str, str]) -> None:

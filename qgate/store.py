@@ -652,10 +652,23 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 CONNECT_TIMEOUT_S = 10  # a database server that does not answer: give up quickly, with one line
 
 
+_CHECKED_FILES: set[tuple[int, int]] = set()  # (device, inode) of SQLite files this process checked
+
+
 def _check_sqlite_file(path: Path) -> None:
     """Before SQLite touches anything (it would create -wal/-shm files beside a file it then refuses):
     the path is a regular file holding a SQLite database (or nothing yet), and it and its folder are
-    writable. A file whose write bits are all off counts as read-only even for root: someone meant it."""
+    writable. A file whose write bits are all off counts as read-only even for root: someone meant it.
+
+    Once per file and process: reading the header opens and closes the file outside SQLite, and closing
+    any descriptor of a file drops every POSIX lock this process holds on it, SQLite's included. With a
+    connection already open, another process would then checkpoint under it and corrupt the database."""
+    try:
+        ident = (path.stat().st_dev, path.stat().st_ino)
+    except OSError:
+        ident = None
+    if ident in _CHECKED_FILES:
+        return
     parent = path.parent
     if not parent.is_dir():
         raise QgateError(f"--db {path}: folder {parent} does not exist")
@@ -677,6 +690,8 @@ def _check_sqlite_file(path: Path) -> None:
                              f"qgate records every run in it and needs to write")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise QgateError(f"--db {path}: folder {parent} is not writable (SQLite keeps its journal beside the file)")
+    if ident is not None:
+        _CHECKED_FILES.add(ident)
 
 
 def check_location(url: str | os.PathLike | None = None) -> str:

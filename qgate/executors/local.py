@@ -1,4 +1,5 @@
-"""The local executor: planned units run one after another in this process."""
+"""The local executor (the default): planned units run one after another in this process, on the
+gate's own device, showing their progress on the gate's bar as they go."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from qgate.executors.units import Unit, UnitResult, run_unit
 
 class LocalExecutor:
     name = "local"
+    places_units = False  # units run on the gate's device; no GPUs are asked for
+
+    def __init__(self, progress=None):
+        self.progress = progress  # the gate's qgate.progress.Progress while it runs units here
 
     def start(self) -> None:
         pass
@@ -29,7 +34,7 @@ class LocalExecutor:
     def run(self, units: Sequence[Unit], on_done: Callable[[UnitResult], None]) -> list[UnitResult]:
         results = []
         for unit in units:
-            results.append(run_unit(unit))
+            results.append(run_unit(unit, self.progress))
             on_done(results[-1])
         return results
 

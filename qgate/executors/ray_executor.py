@@ -33,6 +33,7 @@ def _gpu_memory() -> int:
 
 class RayExecutor:
     name = "ray"
+    places_units = True  # each unit asks for the GPUs its member needs; a worker sees only those
 
     def __init__(self, address: str | None = None, max_retries: int = MAX_RETRIES):
         self.address = address
@@ -75,7 +76,7 @@ class RayExecutor:
 
     def run(self, units: Sequence[Unit], on_done: Callable[[UnitResult], None]) -> list[UnitResult]:
         """Submit every unit (in plan order: Ray starts them in that order as resources free up) and hand
-        each result to ``on_done`` as it finishes."""
+        each result to ``on_done`` as it finishes (its notes come back in the result)."""
         import ray
 
         task = ray.remote(qgate_unit)
