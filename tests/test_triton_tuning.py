@@ -34,14 +34,14 @@ def test_defaults_then_the_built_in_table_then_a_cached_sweep(cache):
     assert tt.configs_for("Some GPU") == tt.DEFAULT and tt.source_of("Some GPU") == "defaults"
     h200 = tt.configs_for("NVIDIA H200")
     assert h200["nvfp4"] == tt.KNOWN["NVIDIA H200"]["nvfp4"] != tt.DEFAULT["nvfp4"]
-    assert h200["mx"] == tt.DEFAULT["mx"] and tt.source_of("NVIDIA H200") == "built-in table"
+    assert h200["amax"] == tt.DEFAULT["amax"] and tt.source_of("NVIDIA H200") == "built-in table"
 
     chosen = {"nvfp4": {"R": 256, "num_warps": 2}, "fp8_row": {"ROWS": 2, "BLOCK_K": 2048, "num_warps": 8}}
     tt.save_sweep("NVIDIA H200", chosen, {"nvfp4": {"ms": 0.3}})
     tt.save_sweep("Other GPU", {"mx": {"R": 32, "num_warps": 8}}, {})
     h200 = tt.configs_for("NVIDIA H200")
     assert h200["nvfp4"] == chosen["nvfp4"] and h200["fp8_row"] == chosen["fp8_row"]
-    assert h200["mx"] == tt.DEFAULT["mx"]
+    assert h200["mx"] == tt.KNOWN["NVIDIA H200"]["mx"]  # not in the sweep: the built-in table's
     assert tt.configs_for("Other GPU")["mx"] == {"R": 32, "num_warps": 8}
     saved = json.loads(cache.read_text())
     assert set(saved) == {"NVIDIA H200", "Other GPU"} and saved["NVIDIA H200"]["measured"] == {"nvfp4": {"ms": 0.3}}
@@ -58,7 +58,7 @@ def test_a_cached_config_outside_the_space_is_ignored(cache):
         tt.save_sweep("NVIDIA H200", {"nvfp4": {"R": 96, "num_warps": 2}}, {})
     cache.write_text("not json")
     tt._resolved.clear()
-    assert tt.configs_for("NVIDIA H200")["mx"] == tt.DEFAULT["mx"]
+    assert tt.configs_for("NVIDIA H200")["mx"] == tt.KNOWN["NVIDIA H200"]["mx"]  # unreadable cache: the table
 
 
 def test_the_space_holds_the_defaults_and_the_built_in_table():
