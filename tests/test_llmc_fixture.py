@@ -3,7 +3,6 @@ venv): read, compared with qgate's emulation of the same baseline, and gated lik
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 
 from qgate.checkpoints import CheckpointCandidate, fidelity, fidelity_summary, load_candidate, resolve_candidate
 from qgate.cli import cli
+from tests.tiny import llmc_producer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "llmc"
@@ -23,16 +23,9 @@ SPIN = DATA / "tiny-qwen2-mxfp4a16-spinquant32"
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
 
 
-def producer():
-    spec = importlib.util.spec_from_file_location("llmc_produce", REPO / "bench" / "llmc_produce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def baseline():
-    return producer().tiny_qwen2()
+    return llmc_producer().tiny_qwen2()
 
 
 def test_fixture_is_small_and_says_who_made_it():
@@ -90,8 +83,8 @@ def test_gptq_weights_differ_from_round_to_nearest_beyond_any_scale_rule(baselin
 
 def test_gate_the_llmc_checkpoints_with_the_cli(tmp_path):
     base = tmp_path / "base"
-    producer().tiny_qwen2().save_pretrained(base)
-    producer().byte_tokenizer().save_pretrained(base)
+    llmc_producer().tiny_qwen2().save_pretrained(base)
+    llmc_producer().byte_tokenizer().save_pretrained(base)
     pol = tmp_path / "p.yaml"
     pol.write_text(f"""family: smollm2
 members: [{{name: smollm2-135m-instruct, model: {base}}}]
@@ -148,7 +141,7 @@ def test_checkpoint_with_rotations_fused_into_its_weights_runs_faithfully(baseli
     cand, _ = load_candidate(resolved, "cpu", torch.float32, progress=False)
     rows, summary, lines = candidate_fidelity(resolved, baseline, cand)
     assert rows == [] and summary is None and "not compared, the weights are rotated" in lines[0]
-    emulated = producer().tiny_qwen2()
+    emulated = llmc_producer().tiny_qwen2()
     quantize_model(emulated, "mxfp4", load_recipe("uniform"), progress=False)
     ids = torch.randint(0, 257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

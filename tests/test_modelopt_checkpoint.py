@@ -4,7 +4,6 @@ gated like any candidate."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from qgate.checkpoints import (CheckpointCandidate, candidate_fidelity, fidelity_summary, load_candidate,
                                resolve_candidate)
 from qgate.cli import cli
+from tests.tiny import llmc_producer
 from qgate.errors import QgateError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,16 +25,9 @@ FP8 = DATA / "tiny-qwen2-fp8_default"
 SUITE = REPO / "tests" / "data" / "gate_suite.yaml"
 
 
-def producer():
-    spec = importlib.util.spec_from_file_location("llmc_produce", REPO / "bench" / "llmc_produce.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def baseline():
-    return producer().tiny_qwen2()
+    return llmc_producer().tiny_qwen2()
 
 
 def test_fixture_is_small_and_says_who_made_it():
@@ -156,8 +149,8 @@ def test_export_without_config_quantization_reads_hf_quant_config(tmp_path):
 
 def test_gate_the_modelopt_checkpoints_with_the_cli(tmp_path):
     base = tmp_path / "base"
-    producer().tiny_qwen2().save_pretrained(base)
-    producer().byte_tokenizer().save_pretrained(base)
+    llmc_producer().tiny_qwen2().save_pretrained(base)
+    llmc_producer().byte_tokenizer().save_pretrained(base)
     pol = tmp_path / "p.yaml"
     pol.write_text(f"""family: smollm2
 members: [{{name: smollm2-135m-instruct, model: {base}}}]

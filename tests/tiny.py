@@ -49,3 +49,15 @@ def pg_schema(base_url: str, prefix: str):
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+def llmc_producer():
+    """bench/llmc_produce.py as a module (it is a script, not a package): its tiny_qwen2() is the baseline
+    every committed checkpoint fixture (tests/data/llmc, tests/data/modelopt) was made from."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "llmc_produce.py"
+    spec = importlib.util.spec_from_file_location("llmc_produce", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
