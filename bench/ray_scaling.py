@@ -115,7 +115,7 @@ def scaling(args) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         suite, policy = write_inputs(Path(tmp), member, args.docs, args.chars)
-        for n in (1, args.gpus):
+        for n in args.gpu_counts:
             # --tiny: CPUs stand in for GPUs (one unit per CPU)
             resources = dict(num_gpus=0, num_cpus=n) if args.tiny else dict(num_gpus=n, num_cpus=4 * n)
             ray.init(include_dashboard=False, logging_level="ERROR", **resources)
@@ -132,6 +132,8 @@ def scaling(args) -> dict:
             unit = "CPU" if args.tiny else "GPU"
             print(f"scaling: {n} {unit}(s): {seconds:.1f} s for {1 + len(FORMATS)} units "
                   f"({result.outcome}, {result.evaluations_run} evaluations)", flush=True)
+    if 1 not in out or args.gpus not in out:  # a run split over calls: the ratio is taken from both outputs
+        return {"seconds": out}
     ratio = out[1] / out[args.gpus]
     print(f"scaling: wall-time ratio 1 -> {args.gpus}: {ratio:.2f}x (ideal {args.gpus:.1f}x)", flush=True)
     return {"seconds": out, "ratio": ratio}
@@ -185,6 +187,8 @@ def big_member(config_dict: dict, fmt: str, suite_path: str, limit: int | None) 
     gpus = torch.cuda.device_count()
     # on the CPU (--tiny) the same split over two "devices" that are both the CPU: the same code path
     device_map = split_map(model, [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu", "cpu"])
+    if gpus:
+        torch.cuda.init()  # the peak counters need an initialised CUDA context
     for i in range(gpus):
         torch.cuda.reset_peak_memory_stats(i)
     started = time.perf_counter()
@@ -195,10 +199,16 @@ def big_member(config_dict: dict, fmt: str, suite_path: str, limit: int | None) 
     def peak() -> float | None:
         return sum(torch.cuda.max_memory_allocated(i) for i in range(gpus)) / bf16_bytes if gpus else None
 
+    def synchronize() -> None:  # kernels run asynchronously: a phase ends when every GPU is done
+        for i in range(gpus):
+            torch.cuda.synchronize(i)
+
+    synchronize()
     built_s = time.perf_counter() - started
     built = peak()
     started = time.perf_counter()
     q = quantize_model(model, fmt, recipe="uniform", progress=False)
+    synchronize()
     quant_s = time.perf_counter() - started
     quantized = peak()
     tokenizer = qwen_tokenizer()
@@ -209,7 +219,7 @@ def big_member(config_dict: dict, fmt: str, suite_path: str, limit: int | None) 
     return {"gpus": gpus, "devices": sorted({str(v) for v in device_map.values()}), "bf16_gb": bf16_bytes / 1e9,
             "build_s": built_s, "quantize_s": quant_s, "evaluate_s": eval_s, "peak_built": built,
             "peak_quantized": quantized, "peak_evaluated": peak(), "sqnr_db": q.summary().get("sqnr_db"),
-            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}, "n": result.n}
+            "metric": task.metric, "value": result.value, "n": result.n}
 
 
 def big(args) -> dict:
@@ -234,7 +244,7 @@ def big(args) -> dict:
 
     print(f"big member: {out['bf16_gb']:.1f} GB in bf16 over {out['devices']}; built in {out['build_s']:.1f} s, "
           f"{args.big_format} in place in {out['quantize_s']:.1f} s (SQNR {out['sqnr_db']:.1f} dB), "
-          f"evaluated {out['n']} samples in {out['evaluate_s']:.1f} s", flush=True)
+          f"evaluated {out['n']} samples in {out['evaluate_s']:.1f} s ({out['metric']} {out['value']:.4g})", flush=True)
     print(f"big member: peak GPU memory / bf16 size: built {ratio(out['peak_built'])}, quantized "
           f"{ratio(out['peak_quantized'])}, evaluated {ratio(out['peak_evaluated'])} (goal <= 1.05x after "
           f"quantizing)", flush=True)
@@ -246,11 +256,15 @@ def main(argv=None) -> int:
     ap.add_argument("--part", choices=("all", "scaling", "big"), default="all")
     ap.add_argument("--tiny", action="store_true", help="a dry run on the CPU with a tiny config")
     ap.add_argument("--gpus", type=int, default=2, help="GPUs of the larger run (default 2)")
+    ap.add_argument("--gpu-counts", default=None,
+                    help="comma-separated cluster sizes of the scaling part (default 1,GPUS; one at a time when "
+                         "a call's time limit cannot hold both)")
     ap.add_argument("--docs", type=int, default=None, help="perplexity documents (default 16; --tiny 2)")
     ap.add_argument("--chars", type=int, default=None, help="characters per document (default 8000; --tiny 400)")
     ap.add_argument("--big-format", default="nvfp4", help="format the big member is quantized to")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    args.gpu_counts = [int(n) for n in (args.gpu_counts or f"1,{args.gpus}").split(",")]
     args.docs = args.docs or (2 if args.tiny else 16)
     args.chars = args.chars or (400 if args.tiny else 8000)
     # Ray's workers start from this environment: they import this checkout's qgate, offline
