@@ -46,6 +46,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from qgate.evaluation import pair_encoding
 from qgate.hf_cache import cache_argument
 
 # Generation-config fields that add logits processors to greedy decoding, with their neutral values.
@@ -427,9 +428,16 @@ class FastLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._instances = requests
+        # HFLM's tokenizing bar is redundant beside the scoring progress reported here
+        disable_tqdm = disable_tqdm or self.progress_report is not None
         try:
-            # HFLM's tokenizing bar is redundant beside the scoring progress reported here
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress_report is not None)
+            if self.enable_thinking or not pair_encoding.reproduces(self):
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            # lm-eval's tokenization of the requests (the same ids), each distinct string once, in batches:
+            # encoding every request alone was most of FastLM's time outside the model on MMLU
+            with self._phase("ll tokenize (each distinct string once, batched)"):
+                encoded = pair_encoding.encode_requests(self, [req.args for req in requests])
+            return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
         finally:
             self._instances = None
 
@@ -516,9 +524,10 @@ class FastLM(HFLM):
         """(logprob, is_greedy) per request, and whether is_greedy is beyond rounding's reach."""
         with self._phase("ll batch build"):
             units: dict[tuple, _Unit] = {}
+            max_length = self.max_length  # a property that resolves the config on every access
             for i, (_, ctx, cont) in enumerate(requests):
-                assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= self.max_length
-                x = (ctx + cont)[-(self.max_length + 1) :][:-1]
+                assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= max_length
+                x = (ctx + cont)[-(max_length + 1) :][:-1]
                 unit = units.get(tuple(x))
                 if unit is None:
                     unit = units[tuple(x)] = _Unit(x)
@@ -704,8 +713,16 @@ class FastLM(HFLM):
         # distance of each scored token from flipping: to the runner-up if it is the argmax, else to the argmax
         margin = torch.where(greedy_row, best[rows_t] - second[rows_t], best[rows_t] - tlp).float().cpu()
         greedy_row, tlp_cpu = greedy_row.cpu(), tlp.cpu()  # one transfer, not one per request
+        # one-token continuations (multiple choice) read plain Python numbers: no tensor op per request
+        tlp_list, greedy_list, margin_list = tlp_cpu.tolist(), greedy_row.tolist(), margin.tolist()
+        threshold = torch.tensor(self.decision_margin, dtype=margin.dtype).item()  # as the tensor comparison rounds it
         pos = 0
         for i, n in owners:
+            if n == 1:
+                results[i] = (tlp_list[pos], greedy_list[pos])
+                robust[i] = margin_list[pos] > threshold
+                pos += 1
+                continue
             values = tlp_cpu[pos : pos + n]
             is_greedy = bool(greedy_row[pos : pos + n].all())
             m = margin[pos : pos + n]
