@@ -340,7 +340,8 @@ def bench_task(name: str, run, model, tokenizer, stocks, fast_kw, max_length, au
         _sync()
         walls[which] = time.perf_counter() - started
         detected[which] = list(getattr(lm, "detected_batch_sizes", []))
-        print(f"#   {name}: {'FastLM' if which == 'fast' else 'HFLM ' + which} {walls[which]:.1f} s", flush=True)
+        settings = f" (batch_tokens {lm.batch_tokens}, max_batch {lm.max_batch})" if which == "fast" else ""
+        print(f"#   {name}: {'FastLM' if which == 'fast' else 'HFLM ' + which} {walls[which]:.1f} s{settings}", flush=True)
         if which == "fast":
             fast_stats, fast_phases = dict(lm.stats), (dict(lm.phases) if lm.phases is not None else None)
     fast = calls["fast"]

@@ -46,7 +46,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from qgate.evaluation import pair_encoding
+from qgate.evaluation import batch_budget, pair_encoding
 from qgate.hf_cache import cache_argument
 
 # Generation-config fields that add logits processors to greedy decoding, with their neutral values.
@@ -366,8 +366,9 @@ _NO_TIMER = contextlib.nullcontext()
 class FastLM(HFLM):
     """An lm-eval LM around an already-loaded causal LM: HFLM's answers (batch size 1), scheduled for speed.
 
-    batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring.
-    max_batch: most rows in one forward pass / decode step.
+    batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring; on a GPU
+        by default sized from its free memory and the model (``batch_budget``), 4,096 on the CPU.
+    max_batch: most rows in one forward pass / decode step (GPU default: batch_tokens / 256, 512 at most).
     decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
     softmax_dtype (passed to HFLM): float32 unless given; HFLM's own default is the model's dtype.
     min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
@@ -391,8 +392,15 @@ class FastLM(HFLM):
                          max_length=max_length, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
                          truncation=truncation, **hflm_kwargs)
         on_cuda = self.device.type == "cuda"
-        self.batch_tokens = int(batch_tokens or (32768 if on_cuda else 4096))
-        self.max_batch = int(max_batch or (128 if on_cuda else 32))
+        if on_cuda:  # sized from the GPU's free memory and the model (batch_budget explains the estimate)
+            default_tokens = batch_budget.gpu_batch_tokens(
+                torch.cuda.mem_get_info(self.device)[0],
+                batch_budget.model_shape(self.model.config, next(self.model.parameters()).element_size()))
+            self.batch_tokens = int(batch_tokens or default_tokens)
+            self.max_batch = int(max_batch or batch_budget.gpu_max_batch(self.batch_tokens))
+        else:
+            self.batch_tokens = int(batch_tokens or 4096)
+            self.max_batch = int(max_batch or 32)
         decode = decode or ("batched" if on_cuda else "exact")
         if decode not in ("exact", "batched"):
             raise ValueError(f"decode must be 'exact' or 'batched', got {decode!r}")
