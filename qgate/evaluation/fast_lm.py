@@ -393,8 +393,11 @@ class FastLM(HFLM):
                          truncation=truncation, **hflm_kwargs)
         on_cuda = self.device.type == "cuda"
         if on_cuda:  # sized from the GPU's free memory and the model (batch_budget explains the estimate)
+            # free: the device's, plus what this process's allocator holds cached but unused (reusable)
+            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+                    - torch.cuda.memory_allocated(self.device))
             default_tokens = batch_budget.gpu_batch_tokens(
-                torch.cuda.mem_get_info(self.device)[0],
+                free,
                 batch_budget.model_shape(self.model.config, next(self.model.parameters()).element_size()))
             self.batch_tokens = int(batch_tokens or default_tokens)
             self.max_batch = int(max_batch or batch_budget.gpu_max_batch(self.batch_tokens))
