@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--decode", choices=["exact", "batched"], default=None)
+    ap.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="FastLM's fixed-shape batched decode step, a CUDA graph on a GPU (default: on a GPU)")
     ap.add_argument("--decision-margin", type=float, default=None,
                     help="FastLM's decision margin (0: never recompute close loglikelihood decisions; the "
                          "default for a bf16 --random-model, whose rows are throughput only)")
@@ -557,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_kind = args.tokenizer or ("qwen" if args.random_model else "model")
     profile = (not on_gpu) if args.profile is None else args.profile
     fast_kw = {k: v for k, v in (("batch_tokens", args.batch_tokens), ("max_batch", args.max_batch),
-                                 ("decode", args.decode), ("decision_margin", args.decision_margin)) if v is not None}
+                                 ("decode", args.decode), ("decision_margin", args.decision_margin),
+                                 ("decode_graph", args.decode_graph)) if v is not None}
     fast_kw["profile"] = profile
     tokenizer = qwen_tokenizer() if tokenizer_kind == "qwen" else None
 

@@ -97,16 +97,18 @@ PROMPTS = ["Question: what is 2+2?\nAnswer:", "abc", "The quick brown fox jumps 
            "def f(x):\n    return", "Once upon a time", "1, 2, 3, 4,"]
 
 
-@pytest.mark.parametrize("decode", ["exact", "batched"])
-def test_tiny_generation_equals_hflm(tiny, decode):
+@pytest.mark.parametrize("decode,fixed_shapes", [("exact", False), ("batched", False), ("batched", True)])
+def test_tiny_generation_equals_hflm(tiny, decode, fixed_shapes):
+    """fixed_shapes: the step a GPU captures as a CUDA graph (all slots, whole buffer, masked), run eagerly."""
     model, tokenizer = tiny
     reqs = [gen(i, p, until=("\n\n", "!"), max_gen_toks=20 + 3 * i) for i, p in enumerate(PROMPTS)]
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
-    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4)
+    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4, decode_graph=fixed_shapes)
     fast = fast_lm.generate_until(reqs, disable_tqdm=True)
     assert fast == stock
     assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]  # rows really advanced together
     assert fast_lm.stats["hflm_generate"] == 0
+    assert fast_lm.stats["fixed_shape_steps"] == (fast_lm.stats["decode_steps"] if fixed_shapes else 0)
 
 
 def test_repetition_penalty_and_unsupported_settings(tiny):

@@ -255,6 +255,70 @@ class _SlotCache:
         return self.length
 
 
+class _StaticStep:
+    """A batched decode step with fixed shapes: every slot of the KV buffer, attention over its whole capacity
+    (a mask from each slot's position), inputs in preallocated tensors. Free slots compute on a dummy token at
+    position 0 and their output is ignored. Fixed shapes let a GPU capture the step once as a CUDA graph and
+    replay it: one launch per step instead of a few hundred small kernels launched from Python, which made
+    the eager step launch-bound (tens of ms per step for a 1.5B model). Elsewhere the same step runs eagerly.
+    """
+
+    def __init__(self, lm: "FastLM", slots: _SlotCache, capture: bool):
+        self.lm, self.slots = lm, slots
+        count, capacity = slots.k[0].shape[0], slots.k[0].shape[2]
+        device = slots.k[0].device
+        self.ids = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.every_slot = torch.arange(count, device=device)
+        self.span = torch.arange(capacity, device=device).view(1, -1)
+        self.capture = capture
+        self.failed = False  # capture was tried and failed
+        self.graph = None
+        self.tokens = None  # the graph's output: next token of every slot
+
+    def _forward(self) -> torch.Tensor:
+        slots = self.slots
+        slots.slots, slots.positions = self.every_slot, self.positions[:, 0]
+        slots.length, slots.all_slots = self.span.shape[1], True
+        mask = (self.span <= self.positions).view(len(self.every_slot), 1, 1, -1)
+        hidden = self.lm._base(input_ids=self.ids, position_ids=self.positions, attention_mask=mask,
+                               **{cache_argument(): slots}, use_cache=True).last_hidden_state
+        return self.lm._head_logits(hidden)[:, -1].float().argmax(dim=-1)
+
+    def _capture_graph(self) -> None:
+        # warm-up on a side stream (the documented recipe), then capture; both compute this very step, and
+        # rewriting a step's keys/values at the same positions with the same values is harmless
+        stream = torch.cuda.Stream(self.ids.device)
+        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(stream):
+            self._forward()
+        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.tokens = self._forward()
+        self.graph = graph
+
+    def __call__(self, active: list[_Row]) -> list[int]:
+        count = len(self.every_slot)
+        ids, positions = [0] * count, [0] * count
+        for row in active:
+            ids[row.slot], positions[row.slot] = row.generated[-1], row.cached
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long).view(count, 1))
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long).view(count, 1))
+        if self.capture and self.graph is None:
+            try:
+                self._capture_graph()
+            except Exception:  # a model whose forward cannot be captured (host syncs, ...): this step runs
+                self.capture, self.graph, self.failed = False, None, True  # eagerly, later ones the plain way
+                self.lm.stats["decode_graph_failed"] += 1
+        if self.graph is not None:
+            self.graph.replay()
+            tokens = self.tokens.tolist()
+        else:
+            tokens = self._forward().tolist()
+        return [tokens[row.slot] for row in active]
+
+
 class _PrefixCache:
     """Rows of prefix keys/values (row i: prefix `owners[i]` of a batched prefix pass) plus room for suffixes.
 
@@ -375,6 +439,9 @@ class FastLM(HFLM):
     kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
         recomputed exactly; None picks one from the model's dtype; 0 never recomputes (throughput runs).
+    decode_graph: run batched decode steps with fixed shapes (all slots, the buffer's whole length), which a
+        GPU captures once as a CUDA graph and replays (default: on a GPU; rows with a repetition penalty, or a
+        model whose step cannot be captured, take the plain batched step).
     profile: time each phase (batch building, forward, LM head, cache copies, exact recompute, ...) into
         ``self.phases`` (seconds per phase name; on a GPU each phase ends with a synchronize). Off: no timing.
     """
@@ -383,7 +450,7 @@ class FastLM(HFLM):
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
                  kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, truncation: bool = False, profile: bool = False,
-                 **hflm_kwargs):
+                 decode_graph: bool | None = None, **hflm_kwargs):
         # log-probabilities in float32 whatever the model's dtype: in bf16 a document's summed loglikelihood
         # is rounded to bf16's spacing (32 nats near -7000), which moves a perplexity by several percent and
         # ties close multiple-choice answers. Stock HFLM does the same with softmax_dtype="float32".
@@ -414,6 +481,8 @@ class FastLM(HFLM):
         if decode == "exact" and not (attn == "sdpa" and _full_attention_only(self.model.config)):
             decode = "batched"
         self.decode = decode
+        # batched decode steps with fixed shapes (every slot, whole capacity), captured as a CUDA graph on a GPU
+        self.decode_graph = (on_cuda if decode_graph is None else bool(decode_graph)) and decode == "batched"
         dtype = next(self.model.parameters()).dtype
         if decision_margin is None:
             decision_margin = 1e-3 if dtype == torch.float32 else 0.25
@@ -426,7 +495,8 @@ class FastLM(HFLM):
         # how often the slow, exact paths ran: loglikelihoods recomputed as HFLM does, decode steps whose
         # next token had several contenders, requests HFLM generated itself
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
-                      "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+                      "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
+                      "fixed_shape_steps": 0, "decode_graph_failed": 0}
         self.phases: dict[str, float] | None = {} if profile else None
 
     def _phase(self, name: str):
@@ -843,6 +913,7 @@ class FastLM(HFLM):
         exact = self.decode == "exact"
         head_norms = None
         slots, free = None, []
+        static = None  # the fixed-shape step (decode_graph), built with the KV buffer's first use
         while pending or active:
             while pending and (slots is None or free):
                 row = pending.popleft()
@@ -874,6 +945,13 @@ class FastLM(HFLM):
                 if head_norms is None:
                     head_norms = self._head.weight.float().norm(dim=1)
                 tokens = self._exact_step(active, slots, head_norms)
+            elif (self.decode_graph and not (static is not None and static.failed)
+                  and all(row.penalty == 1.0 for row in active)):
+                if static is None:
+                    static = _StaticStep(self, slots, capture=self.device.type == "cuda")
+                with self._phase("gen decode step (fixed shapes, CUDA graph on a GPU)"):
+                    tokens = static(active)
+                self.stats["fixed_shape_steps"] += 1
             else:
                 tokens = self._batched_step(active, slots)
             self.stats["decode_s"] += time.perf_counter() - started
