@@ -264,7 +264,7 @@ def test_profiled_fastlm_splits_its_time_into_phases_and_answers_the_same(tiny):
     assert abs(phases["gen prefill (each prompt alone)"] - profiled.stats["prefill_s"]) < 0.05
 
 
-def test_bench_compares_fastlm_with_every_stock_batch_size(tiny):
+def test_bench_compares_fastlm_with_every_stock_batch_size(tiny, tmp_path):
     """bench/eval.py on a tiny model: each stock HFLM configuration and FastLM answer the same requests;
     the ratio is taken against the fastest stock configuration; FastLM's phases are recorded."""
     from qgate.cli import _bench_module
@@ -274,8 +274,10 @@ def test_bench_compares_fastlm_with_every_stock_batch_size(tiny):
     lls = choice_requests(["Shared few-shot prefix of the questions. " * 2], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " yy"])
     gens = [gen(i, p, max_gen_toks=8) for i, p in enumerate(PROMPTS[:3])]
     rows = [bench.bench_task(name, bench.requests_runner(reqs), model, tokenizer, ["1", "2"],
-                             {"min_shared_prefix": 8, "profile": True}, None, 64, True)
+                             {"min_shared_prefix": 8, "profile": True}, None, 64, True, trace=tmp_path)
             for name, reqs in (("mc", lls), ("gen", gens))]
+    for name in ("mc", "gen"):  # --trace: torch.profiler's operator table of FastLM's run per task
+        assert "aten::" in (tmp_path / f"fastlm-{name}-ops.txt").read_text()
     for row, reqs in zip(rows, (lls, gens)):
         assert [s.batch_size for s in row.stock] == ["1", "2"]
         assert row.requests == len(reqs) and row.identical
