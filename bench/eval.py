@@ -554,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--decode", choices=["exact", "batched"], default=None)
+    ap.add_argument("--min-fill", type=float, default=None,
+                    help="FastLM: a padded batch takes rows of at least this fraction of its longest "
+                         "(default 0.8 on the CPU, 0.4 on a GPU)")
     ap.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=None,
                     help="FastLM's fixed-shape batched decode step, a CUDA graph on a GPU (default: on a GPU)")
     ap.add_argument("--decision-margin", type=float, default=None,
@@ -579,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = (not on_gpu) if args.profile is None else args.profile
     fast_kw = {k: v for k, v in (("batch_tokens", args.batch_tokens), ("max_batch", args.max_batch),
                                  ("decode", args.decode), ("decision_margin", args.decision_margin),
-                                 ("decode_graph", args.decode_graph)) if v is not None}
+                                 ("decode_graph", args.decode_graph), ("min_fill", args.min_fill)) if v is not None}
     fast_kw["profile"] = profile
     tokenizer = qwen_tokenizer() if tokenizer_kind == "qwen" else None
 

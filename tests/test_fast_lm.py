@@ -141,6 +141,20 @@ def test_tiny_loglikelihood_and_rolling_equal_hflm(tiny):
         assert abs(a - b) <= LL_TOL * max(1.0, abs(a)) * 0.1
 
 
+def test_fuller_padded_batches_answer_the_same(tiny):
+    """min_fill (a GPU's default is lower: fewer, more padded forwards) changes the batching, not the answers."""
+    model, tokenizer = tiny
+    reqs = choice_requests(["Shared instructions for all of the questions.\n\n"],
+                           ["Q: 3+4?\nA:", "Q: what is the sum of nine and one, in words?\nA:", "Q: 1?\nA:"],
+                           [" 7", " ten", " 12"])
+    reqs += [ll(len(reqs), "A context of another length entirely, with no shared prefix at all", " x", 97)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
+    tight, full = (FastLM(model, tokenizer, min_shared_prefix=16, min_fill=f) for f in (0.8, 0.0))
+    assert_same_loglikelihoods(stock, full.loglikelihood(reqs, disable_tqdm=True), reqs)
+    assert_same_loglikelihoods(stock, tight.loglikelihood(reqs, disable_tqdm=True), reqs)
+    assert full.stats["forward_tokens"] > tight.stats["forward_tokens"]  # padded into fewer forwards
+
+
 def test_close_decisions_are_recomputed_as_hflm_does(tiny):
     model, tokenizer = tiny
     reqs = choice_requests(["Pick one.\n\n"], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " y", " z"])

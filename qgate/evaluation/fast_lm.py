@@ -80,8 +80,12 @@ _GREEDY_KWARGS = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typica
 
 _FP32_UNIT_ROUNDOFF = 2.0**-24
 # a batch of right-padded sequences takes only sequences at least this fraction of its longest: padding
-# is computed like real tokens (a CPU gains nothing from rows beyond ~1k tokens per forward anyway)
+# is computed like real tokens (a CPU gains nothing from rows beyond ~1k tokens per forward anyway).
 _MIN_FILL = 0.8
+# On a GPU a forward of a few thousand tokens costs its launches (tens of ms for a 28-layer HF model), not
+# its arithmetic: fewer, fuller forwards win over less padding. The standard MMLU requests (570 questions)
+# take 44 forwards (73,760 tokens) at 0.8 and 9 forwards (103,272 tokens) at 0.4.
+_MIN_FILL_GPU = 0.4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,6 +439,8 @@ class FastLM(HFLM):
     max_batch: most rows in one forward pass / decode step (GPU default: batch_tokens / 256, 512 at most).
     decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
     softmax_dtype (passed to HFLM): float32 unless given; HFLM's own default is the model's dtype.
+    min_fill: a padded batch takes only rows at least this fraction of its longest (0.8 on the CPU, 0.4 on a
+        GPU, where fewer forwards matter more than padding).
     min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
     kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
@@ -450,7 +456,7 @@ class FastLM(HFLM):
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
                  kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, truncation: bool = False, profile: bool = False,
-                 decode_graph: bool | None = None, **hflm_kwargs):
+                 decode_graph: bool | None = None, min_fill: float | None = None, **hflm_kwargs):
         # log-probabilities in float32 whatever the model's dtype: in bf16 a document's summed loglikelihood
         # is rounded to bf16's spacing (32 nats near -7000), which moves a perplexity by several percent and
         # ties close multiple-choice answers. Stock HFLM does the same with softmax_dtype="float32".
@@ -475,6 +481,7 @@ class FastLM(HFLM):
         if decode not in ("exact", "batched"):
             raise ValueError(f"decode must be 'exact' or 'batched', got {decode!r}")
         self.min_shared_prefix = max(1, int(min_shared_prefix))
+        self.min_fill = float(min_fill if min_fill is not None else (_MIN_FILL_GPU if on_cuda else _MIN_FILL))
         self.kv_budget_bytes = int(kv_budget_bytes)  # decode KV buffer cap on the CPU (a GPU uses half its free memory)
         self._base, self._head = _decoder_and_head(self.model)
         attn = getattr(self.model.config, "_attn_implementation", None)
@@ -625,7 +632,7 @@ class FastLM(HFLM):
             batch: list[_Unit] = []
             for unit in singles:
                 if batch and ((len(batch) + 1) * len(batch[0].tokens) > self.batch_tokens or len(batch) >= self.max_batch
-                              or len(unit.tokens) < _MIN_FILL * len(batch[0].tokens)):
+                              or len(unit.tokens) < self.min_fill * len(batch[0].tokens)):
                     self._run_singles(batch, results, robust, bar)
                     batch = []
                 batch.append(unit)
@@ -686,7 +693,7 @@ class FastLM(HFLM):
             n = 1  # right-padded prefixes: causal attention keeps every row's prefix positions its own
             while (start + n < len(groups) and n < self.max_batch
                    and (n + 1) * groups[start][0] <= self.batch_tokens
-                   and groups[start + n][0] >= _MIN_FILL * groups[start][0]):
+                   and groups[start + n][0] >= self.min_fill * groups[start][0]):
                 n += 1
             chunk = groups[start : start + n]
             start += n
@@ -718,7 +725,7 @@ class FastLM(HFLM):
             n, longest = 1, chunk[rows[start][0]][0]
             while start + n < len(rows) and n < self.max_batch and (n + 1) * width <= self.batch_tokens:
                 g, u = rows[start + n]
-                if len(u.tokens) - chunk[g][0] < _MIN_FILL * width:
+                if len(u.tokens) - chunk[g][0] < self.min_fill * width:
                     break
                 longest_next = max(longest, chunk[g][0])
                 if (n + 1) * (longest_next + width) > kv_budget:
