@@ -103,12 +103,24 @@ def test_tiny_generation_equals_hflm(tiny, decode, fixed_shapes):
     model, tokenizer = tiny
     reqs = [gen(i, p, until=("\n\n", "!"), max_gen_toks=20 + 3 * i) for i, p in enumerate(PROMPTS)]
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
-    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4, decode_graph=fixed_shapes)
+    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4, decode_graph=fixed_shapes, profile=True)
     fast = fast_lm.generate_until(reqs, disable_tqdm=True)
     assert fast == stock
+    # batched decode prefills the prompts waiting for free slots together; exact decode each prompt alone
+    assert ("gen prefill (prompts together, batched decode)" in fast_lm.phases) == (decode == "batched")
     assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]  # rows really advanced together
     assert fast_lm.stats["hflm_generate"] == 0
     assert fast_lm.stats["fixed_shape_steps"] == (fast_lm.stats["decode_steps"] if fixed_shapes else 0)
+
+
+def test_batched_decode_with_repetition_penalty_equals_hflm(tiny):
+    model, tokenizer = tiny
+    reqs = [gen(i, p, repetition_penalty=(1.3, 0.8, 1.0, 1.15)[i]) for i, p in enumerate(PROMPTS[:4])]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer, decode="batched", decode_graph=True, profile=True)
+    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
+    assert "gen prefill (prompts together, batched decode)" in fast_lm.phases
+    assert fast_lm.stats["fixed_shape_steps"] == 0  # penalized rows take the plain batched step
 
 
 def test_repetition_penalty_and_unsupported_settings(tiny):

@@ -923,27 +923,37 @@ class FastLM(HFLM):
         static = None  # the fixed-shape step (decode_graph), built with the KV buffer's first use
         while pending or active:
             while pending and (slots is None or free):
-                row = pending.popleft()
+                batch = [pending.popleft()]
+                if not exact and slots is not None:  # batched decode: prompts for the free slots prefilled together
+                    while (pending and len(batch) < len(free)
+                           and (len(batch) + 1) * len(batch[0].prompt) <= self.batch_tokens):
+                        batch.append(pending.popleft())
                 started = time.perf_counter()
-                with self._phase("gen prefill (each prompt alone)"):
-                    layers, token = self._prefill(row)
+                if len(batch) == 1:
+                    with self._phase("gen prefill (each prompt alone)"):
+                        prefilled = [self._prefill(batch[0])]
+                else:
+                    with self._phase("gen prefill (prompts together, batched decode)"):
+                        prefilled = self._prefill_together(batch)
                 self.stats["prefill_s"] += time.perf_counter() - started
-                row.generated.append(token)
-                if self._stopped(row, token, eos_ids):
-                    bar.update(1)
-                    yield row
-                    continue
-                row.cached = len(row.prompt)
-                if slots is None:  # shapes are known after the first prefill
-                    k0 = layers[0][0]
-                    count = self._slot_count(rows, layers)
-                    slots = _SlotCache(len(layers), count, k0.shape[1], max(len(r.prompt) + r.max_new for r in rows),
-                                       k0.shape[3], k0.dtype, k0.device)
-                    free = list(range(count))
-                row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
-                with self._phase("gen cache copies (prompt KV into its slot)"):
-                    slots.load(row.slot, layers)
-                active.append(row)
+                for row, (layers, token) in zip(batch, prefilled):
+                    row.generated.append(token)
+                    if self._stopped(row, token, eos_ids):
+                        bar.update(1)
+                        yield row
+                        continue
+                    row.cached = len(row.prompt)
+                    if slots is None:  # shapes are known after the first prefill
+                        k0 = layers[0][0]
+                        count = self._slot_count(rows, layers)
+                        slots = _SlotCache(len(layers), count, k0.shape[1],
+                                           max(len(r.prompt) + r.max_new for r in rows), k0.shape[3], k0.dtype,
+                                           k0.device)
+                        free = list(range(count))
+                    row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
+                    with self._phase("gen cache copies (prompt KV into its slot)"):
+                        slots.load(row.slot, layers)
+                    active.append(row)
             if not active:
                 continue
             active.sort(key=lambda r: r.slot)
@@ -987,6 +997,30 @@ class FastLM(HFLM):
             row.seen = ids[0]
             logits = self._penalize(logits, [row])
         return _cache_layers(cache), int(logits.argmax(dim=-1))
+
+    def _prefill_together(self, rows: list[_Row]):
+        """Batched decode only: the prompts in one right-padded forward (causal attention never looks right,
+        so no real position sees padding); each row's KV and first token, as ``_prefill`` returns them."""
+        lengths = [len(r.prompt) for r in rows]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : lengths[r]] = torch.tensor(row.prompt, dtype=torch.long)
+        ids = ids.to(self.device)
+        cache = _new_dynamic_cache(self.model.config)
+        hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
+        last = torch.tensor(lengths, device=hidden.device) - 1
+        logits = self._head_logits(hidden[torch.arange(len(rows), device=hidden.device), last].unsqueeze(1))[:, -1]
+        logits = logits.float()
+        for r, row in enumerate(rows):
+            if row.penalty != 1.0:
+                row.seen = ids[r, : lengths[r]]
+        if any(row.penalty != 1.0 for row in rows):
+            logits = self._penalize(logits, rows)
+        tokens = logits.argmax(dim=-1).tolist()
+        layers = _cache_layers(cache)
+        return [([(k[r : r + 1, :, :n], v[r : r + 1, :, :n]) for k, v in layers], tokens[r])
+                for r, n in enumerate(lengths)]
 
     @staticmethod
     def _penalize(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
