@@ -321,8 +321,25 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _traced(run, lm, out: Path | None, name: str):
+    """run(lm), under torch.profiler when ``out`` is given: its table of operators and kernels (by the device
+    time they took, the CPU's without a GPU) goes to OUT/fastlm-<task>-ops.txt."""
+    if out is None:
+        return run(lm)
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        result = run(lm)
+    out.mkdir(parents=True, exist_ok=True)
+    key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    (out / f"fastlm-{name}-ops.txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+    return result
+
+
 def bench_task(name: str, run, model, tokenizer, stocks, fast_kw, max_length, auto_max_batch,
-               exact_required: bool) -> TaskBench:
+               exact_required: bool, trace: Path | None = None) -> TaskBench:
     """Each stock configuration, then FastLM, answer the same task (``run(lm)`` -> lm-eval result or None)."""
     load_before = _load()
     calls, walls, results, detected = {}, {}, {}, {}
@@ -336,11 +353,12 @@ def bench_task(name: str, run, model, tokenizer, stocks, fast_kw, max_length, au
             torch.cuda.empty_cache()
         _sync()
         started = time.perf_counter()
-        results[which] = run(lm)
+        results[which] = _traced(run, lm, trace, name) if which == "fast" else run(lm)
         _sync()
         walls[which] = time.perf_counter() - started
         detected[which] = list(getattr(lm, "detected_batch_sizes", []))
-        print(f"#   {name}: {'FastLM' if which == 'fast' else 'HFLM ' + which} {walls[which]:.1f} s", flush=True)
+        settings = f" (batch_tokens {lm.batch_tokens}, max_batch {lm.max_batch})" if which == "fast" else ""
+        print(f"#   {name}: {'FastLM' if which == 'fast' else 'HFLM ' + which} {walls[which]:.1f} s{settings}", flush=True)
         if which == "fast":
             fast_stats, fast_phases = dict(lm.stats), (dict(lm.phases) if lm.phases is not None else None)
     fast = calls["fast"]
@@ -536,11 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-tokens", type=int, default=None)
     ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--decode", choices=["exact", "batched"], default=None)
+    ap.add_argument("--min-fill", type=float, default=None,
+                    help="FastLM: a padded batch takes rows of at least this fraction of its longest "
+                         "(default 0.8 on the CPU, 0.4 on a GPU)")
+    ap.add_argument("--decode-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="FastLM's fixed-shape batched decode step, a CUDA graph on a GPU (default: on a GPU)")
     ap.add_argument("--decision-margin", type=float, default=None,
                     help="FastLM's decision margin (0: never recompute close loglikelihood decisions; the "
                          "default for a bf16 --random-model, whose rows are throughput only)")
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                     help="time FastLM's phases (default: on the CPU; on a GPU it adds synchronizes)")
+    ap.add_argument("--trace", type=Path, help="profile FastLM's runs with torch.profiler (slows them): a table "
+                                               "of operators/kernels per task in TRACE/fastlm-<task>-ops.txt")
     ap.add_argument("--json", type=Path, help="also write every number here")
     ap.add_argument("--out", type=Path, help="also write every number to OUT/eval-<device>-<size>-<time>.json")
     args = ap.parse_args(argv)
@@ -556,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_kind = args.tokenizer or ("qwen" if args.random_model else "model")
     profile = (not on_gpu) if args.profile is None else args.profile
     fast_kw = {k: v for k, v in (("batch_tokens", args.batch_tokens), ("max_batch", args.max_batch),
-                                 ("decode", args.decode), ("decision_margin", args.decision_margin)) if v is not None}
+                                 ("decode", args.decode), ("decision_margin", args.decision_margin),
+                                 ("decode_graph", args.decode_graph), ("min_fill", args.min_fill)) if v is not None}
     fast_kw["profile"] = profile
     tokenizer = qwen_tokenizer() if tokenizer_kind == "qwen" else None
 
@@ -613,14 +639,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests is not None:
         for name, requests in load_requests(args.requests).items():
             rows.append(bench_task(name, requests_runner(requests), model, tokenizer, stocks, fast_kw, max_length,
-                                   args.auto_max_batch, exact_required))
+                                   args.auto_max_batch, exact_required, trace=args.trace))
             rows[-1].samples = documents(requests)
             print(format_table(rows[-1:], {}), flush=True)
             save(rows)
     else:
         for spec, limit in specs_limits:
             rows.append(bench_task(spec.name, suite_runner(model, tokenizer, spec, limit), model, tokenizer, stocks,
-                                   fast_kw, max_length, args.auto_max_batch, exact_required))
+                                   fast_kw, max_length, args.auto_max_batch, exact_required, trace=args.trace))
             print(format_table(rows[-1:], {}), flush=True)
             save(rows)
     header["load_after"] = list(os.getloadavg())

@@ -97,16 +97,30 @@ PROMPTS = ["Question: what is 2+2?\nAnswer:", "abc", "The quick brown fox jumps 
            "def f(x):\n    return", "Once upon a time", "1, 2, 3, 4,"]
 
 
-@pytest.mark.parametrize("decode", ["exact", "batched"])
-def test_tiny_generation_equals_hflm(tiny, decode):
+@pytest.mark.parametrize("decode,fixed_shapes", [("exact", False), ("batched", False), ("batched", True)])
+def test_tiny_generation_equals_hflm(tiny, decode, fixed_shapes):
+    """fixed_shapes: the step a GPU captures as a CUDA graph (all slots, whole buffer, masked), run eagerly."""
     model, tokenizer = tiny
     reqs = [gen(i, p, until=("\n\n", "!"), max_gen_toks=20 + 3 * i) for i, p in enumerate(PROMPTS)]
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
-    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4)
+    fast_lm = FastLM(model, tokenizer, decode=decode, max_batch=4, decode_graph=fixed_shapes, profile=True)
     fast = fast_lm.generate_until(reqs, disable_tqdm=True)
     assert fast == stock
+    # batched decode prefills the prompts waiting for free slots together; exact decode each prompt alone
+    assert ("gen prefill (prompts together, batched decode)" in fast_lm.phases) == (decode == "batched")
     assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]  # rows really advanced together
     assert fast_lm.stats["hflm_generate"] == 0
+    assert fast_lm.stats["fixed_shape_steps"] == (fast_lm.stats["decode_steps"] if fixed_shapes else 0)
+
+
+def test_batched_decode_with_repetition_penalty_equals_hflm(tiny):
+    model, tokenizer = tiny
+    reqs = [gen(i, p, repetition_penalty=(1.3, 0.8, 1.0, 1.15)[i]) for i, p in enumerate(PROMPTS[:4])]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer, decode="batched", decode_graph=True, profile=True)
+    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
+    assert "gen prefill (prompts together, batched decode)" in fast_lm.phases
+    assert fast_lm.stats["fixed_shape_steps"] == 0  # penalized rows take the plain batched step
 
 
 def test_repetition_penalty_and_unsupported_settings(tiny):
@@ -137,6 +151,20 @@ def test_tiny_loglikelihood_and_rolling_equal_hflm(tiny):
     for a, b in zip(stock.loglikelihood_rolling(texts, disable_tqdm=True),
                     fast_lm.loglikelihood_rolling(texts, disable_tqdm=True)):
         assert abs(a - b) <= LL_TOL * max(1.0, abs(a)) * 0.1
+
+
+def test_fuller_padded_batches_answer_the_same(tiny):
+    """min_fill (a GPU's default is lower: fewer, more padded forwards) changes the batching, not the answers."""
+    model, tokenizer = tiny
+    reqs = choice_requests(["Shared instructions for all of the questions.\n\n"],
+                           ["Q: 3+4?\nA:", "Q: what is the sum of nine and one, in words?\nA:", "Q: 1?\nA:"],
+                           [" 7", " ten", " 12"])
+    reqs += [ll(len(reqs), "A context of another length entirely, with no shared prefix at all", " x", 97)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(reqs, disable_tqdm=True)
+    tight, full = (FastLM(model, tokenizer, min_shared_prefix=16, min_fill=f) for f in (0.8, 0.0))
+    assert_same_loglikelihoods(stock, full.loglikelihood(reqs, disable_tqdm=True), reqs)
+    assert_same_loglikelihoods(stock, tight.loglikelihood(reqs, disable_tqdm=True), reqs)
+    assert full.stats["forward_tokens"] > tight.stats["forward_tokens"]  # padded into fewer forwards
 
 
 def test_close_decisions_are_recomputed_as_hflm_does(tiny):
@@ -262,7 +290,7 @@ def test_profiled_fastlm_splits_its_time_into_phases_and_answers_the_same(tiny):
     assert abs(phases["gen prefill (each prompt alone)"] - profiled.stats["prefill_s"]) < 0.05
 
 
-def test_bench_compares_fastlm_with_every_stock_batch_size(tiny):
+def test_bench_compares_fastlm_with_every_stock_batch_size(tiny, tmp_path):
     """bench/eval.py on a tiny model: each stock HFLM configuration and FastLM answer the same requests;
     the ratio is taken against the fastest stock configuration; FastLM's phases are recorded."""
     from qgate.cli import _bench_module
@@ -272,8 +300,10 @@ def test_bench_compares_fastlm_with_every_stock_batch_size(tiny):
     lls = choice_requests(["Shared few-shot prefix of the questions. " * 2], ["Q: a?\nA:", "Q: b?\nA:"], [" x", " yy"])
     gens = [gen(i, p, max_gen_toks=8) for i, p in enumerate(PROMPTS[:3])]
     rows = [bench.bench_task(name, bench.requests_runner(reqs), model, tokenizer, ["1", "2"],
-                             {"min_shared_prefix": 8, "profile": True}, None, 64, True)
+                             {"min_shared_prefix": 8, "profile": True}, None, 64, True, trace=tmp_path)
             for name, reqs in (("mc", lls), ("gen", gens))]
+    for name in ("mc", "gen"):  # --trace: torch.profiler's operator table of FastLM's run per task
+        assert "aten::" in (tmp_path / f"fastlm-{name}-ops.txt").read_text()
     for row, reqs in zip(rows, (lls, gens)):
         assert [s.batch_size for s in row.stock] == ["1", "2"]
         assert row.requests == len(reqs) and row.identical

@@ -46,6 +46,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
+from qgate.evaluation import batch_budget, pair_encoding
 from qgate.hf_cache import cache_argument
 
 # Generation-config fields that add logits processors to greedy decoding, with their neutral values.
@@ -79,8 +80,12 @@ _GREEDY_KWARGS = {"do_sample", "temperature", "top_p", "top_k", "min_p", "typica
 
 _FP32_UNIT_ROUNDOFF = 2.0**-24
 # a batch of right-padded sequences takes only sequences at least this fraction of its longest: padding
-# is computed like real tokens (a CPU gains nothing from rows beyond ~1k tokens per forward anyway)
+# is computed like real tokens (a CPU gains nothing from rows beyond ~1k tokens per forward anyway).
 _MIN_FILL = 0.8
+# On a GPU a forward of a few thousand tokens costs its launches (tens of ms for a 28-layer HF model), not
+# its arithmetic: fewer, fuller forwards win over less padding. The standard MMLU requests (570 questions)
+# take 44 forwards (73,760 tokens) at 0.8 and 9 forwards (103,272 tokens) at 0.4.
+_MIN_FILL_GPU = 0.4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +259,70 @@ class _SlotCache:
         return self.length
 
 
+class _StaticStep:
+    """A batched decode step with fixed shapes: every slot of the KV buffer, attention over its whole capacity
+    (a mask from each slot's position), inputs in preallocated tensors. Free slots compute on a dummy token at
+    position 0 and their output is ignored. Fixed shapes let a GPU capture the step once as a CUDA graph and
+    replay it: one launch per step instead of a few hundred small kernels launched from Python, which made
+    the eager step launch-bound (tens of ms per step for a 1.5B model). Elsewhere the same step runs eagerly.
+    """
+
+    def __init__(self, lm: "FastLM", slots: _SlotCache, capture: bool):
+        self.lm, self.slots = lm, slots
+        count, capacity = slots.k[0].shape[0], slots.k[0].shape[2]
+        device = slots.k[0].device
+        self.ids = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.every_slot = torch.arange(count, device=device)
+        self.span = torch.arange(capacity, device=device).view(1, -1)
+        self.capture = capture
+        self.failed = False  # capture was tried and failed
+        self.graph = None
+        self.tokens = None  # the graph's output: next token of every slot
+
+    def _forward(self) -> torch.Tensor:
+        slots = self.slots
+        slots.slots, slots.positions = self.every_slot, self.positions[:, 0]
+        slots.length, slots.all_slots = self.span.shape[1], True
+        mask = (self.span <= self.positions).view(len(self.every_slot), 1, 1, -1)
+        hidden = self.lm._base(input_ids=self.ids, position_ids=self.positions, attention_mask=mask,
+                               **{cache_argument(): slots}, use_cache=True).last_hidden_state
+        return self.lm._head_logits(hidden)[:, -1].float().argmax(dim=-1)
+
+    def _capture_graph(self) -> None:
+        # warm-up on a side stream (the documented recipe), then capture; both compute this very step, and
+        # rewriting a step's keys/values at the same positions with the same values is harmless
+        stream = torch.cuda.Stream(self.ids.device)
+        stream.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(stream):
+            self._forward()
+        torch.cuda.current_stream(self.ids.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.tokens = self._forward()
+        self.graph = graph
+
+    def __call__(self, active: list[_Row]) -> list[int]:
+        count = len(self.every_slot)
+        ids, positions = [0] * count, [0] * count
+        for row in active:
+            ids[row.slot], positions[row.slot] = row.generated[-1], row.cached
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long).view(count, 1))
+        self.positions.copy_(torch.tensor(positions, dtype=torch.long).view(count, 1))
+        if self.capture and self.graph is None:
+            try:
+                self._capture_graph()
+            except Exception:  # a model whose forward cannot be captured (host syncs, ...): this step runs
+                self.capture, self.graph, self.failed = False, None, True  # eagerly, later ones the plain way
+                self.lm.stats["decode_graph_failed"] += 1
+        if self.graph is not None:
+            self.graph.replay()
+            tokens = self.tokens.tolist()
+        else:
+            tokens = self._forward().tolist()
+        return [tokens[row.slot] for row in active]
+
+
 class _PrefixCache:
     """Rows of prefix keys/values (row i: prefix `owners[i]` of a batched prefix pass) plus room for suffixes.
 
@@ -365,14 +434,20 @@ _NO_TIMER = contextlib.nullcontext()
 class FastLM(HFLM):
     """An lm-eval LM around an already-loaded causal LM: HFLM's answers (batch size 1), scheduled for speed.
 
-    batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring.
-    max_batch: most rows in one forward pass / decode step.
+    batch_tokens: token budget of one forward pass (rows x padded length) for loglikelihood scoring; on a GPU
+        by default sized from its free memory and the model (``batch_budget``), 4,096 on the CPU.
+    max_batch: most rows in one forward pass / decode step (GPU default: batch_tokens / 256, 512 at most).
     decode: "exact" (bit-identical to HFLM at batch size 1; needs SDPA attention) or "batched".
     softmax_dtype (passed to HFLM): float32 unless given; HFLM's own default is the model's dtype.
+    min_fill: a padded batch takes only rows at least this fraction of its longest (0.8 on the CPU, 0.4 on a
+        GPU, where fewer forwards matter more than padding).
     min_shared_prefix: inputs sharing at least this many leading tokens run that prefix once.
     kv_budget_bytes: on the CPU, the most memory the decode KV buffer may take (fewer rows if needed).
     decision_margin: log-probability gap under which a loglikelihood decision (best choice, is-greedy) is
         recomputed exactly; None picks one from the model's dtype; 0 never recomputes (throughput runs).
+    decode_graph: run batched decode steps with fixed shapes (all slots, the buffer's whole length), which a
+        GPU captures once as a CUDA graph and replays (default: on a GPU; rows with a repetition penalty, or a
+        model whose step cannot be captured, take the plain batched step).
     profile: time each phase (batch building, forward, LM head, cache copies, exact recompute, ...) into
         ``self.phases`` (seconds per phase name; on a GPU each phase ends with a synchronize). Off: no timing.
     """
@@ -381,7 +456,7 @@ class FastLM(HFLM):
                  decode: str | None = None, min_shared_prefix: int = 32, decision_margin: float | None = None,
                  kv_budget_bytes: int = 2 << 30, max_length: int | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, truncation: bool = False, profile: bool = False,
-                 **hflm_kwargs):
+                 decode_graph: bool | None = None, min_fill: float | None = None, **hflm_kwargs):
         # log-probabilities in float32 whatever the model's dtype: in bf16 a document's summed loglikelihood
         # is rounded to bf16's spacing (32 nats near -7000), which moves a perplexity by several percent and
         # ties close multiple-choice answers. Stock HFLM does the same with softmax_dtype="float32".
@@ -390,18 +465,31 @@ class FastLM(HFLM):
                          max_length=max_length, add_bos_token=add_bos_token, prefix_token_id=prefix_token_id,
                          truncation=truncation, **hflm_kwargs)
         on_cuda = self.device.type == "cuda"
-        self.batch_tokens = int(batch_tokens or (32768 if on_cuda else 4096))
-        self.max_batch = int(max_batch or (128 if on_cuda else 32))
+        if on_cuda:  # sized from the GPU's free memory and the model (batch_budget explains the estimate)
+            # free: the device's, plus what this process's allocator holds cached but unused (reusable)
+            free = (torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+                    - torch.cuda.memory_allocated(self.device))
+            default_tokens = batch_budget.gpu_batch_tokens(
+                free,
+                batch_budget.model_shape(self.model.config, next(self.model.parameters()).element_size()))
+            self.batch_tokens = int(batch_tokens or default_tokens)
+            self.max_batch = int(max_batch or batch_budget.gpu_max_batch(self.batch_tokens))
+        else:
+            self.batch_tokens = int(batch_tokens or 4096)
+            self.max_batch = int(max_batch or 32)
         decode = decode or ("batched" if on_cuda else "exact")
         if decode not in ("exact", "batched"):
             raise ValueError(f"decode must be 'exact' or 'batched', got {decode!r}")
         self.min_shared_prefix = max(1, int(min_shared_prefix))
+        self.min_fill = float(min_fill if min_fill is not None else (_MIN_FILL_GPU if on_cuda else _MIN_FILL))
         self.kv_budget_bytes = int(kv_budget_bytes)  # decode KV buffer cap on the CPU (a GPU uses half its free memory)
         self._base, self._head = _decoder_and_head(self.model)
         attn = getattr(self.model.config, "_attn_implementation", None)
         if decode == "exact" and not (attn == "sdpa" and _full_attention_only(self.model.config)):
             decode = "batched"
         self.decode = decode
+        # batched decode steps with fixed shapes (every slot, whole capacity), captured as a CUDA graph on a GPU
+        self.decode_graph = (on_cuda if decode_graph is None else bool(decode_graph)) and decode == "batched"
         dtype = next(self.model.parameters()).dtype
         if decision_margin is None:
             decision_margin = 1e-3 if dtype == torch.float32 else 0.25
@@ -414,7 +502,8 @@ class FastLM(HFLM):
         # how often the slow, exact paths ran: loglikelihoods recomputed as HFLM does, decode steps whose
         # next token had several contenders, requests HFLM generated itself
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
-                      "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0}
+                      "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
+                      "fixed_shape_steps": 0, "decode_graph_failed": 0}
         self.phases: dict[str, float] | None = {} if profile else None
 
     def _phase(self, name: str):
@@ -427,9 +516,16 @@ class FastLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         self._instances = requests
+        # HFLM's tokenizing bar is redundant beside the scoring progress reported here
+        disable_tqdm = disable_tqdm or self.progress_report is not None
         try:
-            # HFLM's tokenizing bar is redundant beside the scoring progress reported here
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.progress_report is not None)
+            if self.enable_thinking or not pair_encoding.reproduces(self):
+                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            # lm-eval's tokenization of the requests (the same ids), each distinct string once, in batches:
+            # encoding every request alone was most of FastLM's time outside the model on MMLU
+            with self._phase("ll tokenize (each distinct string once, batched)"):
+                encoded = pair_encoding.encode_requests(self, [req.args for req in requests])
+            return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
         finally:
             self._instances = None
 
@@ -516,9 +612,10 @@ class FastLM(HFLM):
         """(logprob, is_greedy) per request, and whether is_greedy is beyond rounding's reach."""
         with self._phase("ll batch build"):
             units: dict[tuple, _Unit] = {}
+            max_length = self.max_length  # a property that resolves the config on every access
             for i, (_, ctx, cont) in enumerate(requests):
-                assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= self.max_length
-                x = (ctx + cont)[-(self.max_length + 1) :][:-1]
+                assert len(ctx) > 0 and len(cont) > 0 and len(cont) <= max_length
+                x = (ctx + cont)[-(max_length + 1) :][:-1]
                 unit = units.get(tuple(x))
                 if unit is None:
                     unit = units[tuple(x)] = _Unit(x)
@@ -535,7 +632,7 @@ class FastLM(HFLM):
             batch: list[_Unit] = []
             for unit in singles:
                 if batch and ((len(batch) + 1) * len(batch[0].tokens) > self.batch_tokens or len(batch) >= self.max_batch
-                              or len(unit.tokens) < _MIN_FILL * len(batch[0].tokens)):
+                              or len(unit.tokens) < self.min_fill * len(batch[0].tokens)):
                     self._run_singles(batch, results, robust, bar)
                     batch = []
                 batch.append(unit)
@@ -596,7 +693,7 @@ class FastLM(HFLM):
             n = 1  # right-padded prefixes: causal attention keeps every row's prefix positions its own
             while (start + n < len(groups) and n < self.max_batch
                    and (n + 1) * groups[start][0] <= self.batch_tokens
-                   and groups[start + n][0] >= _MIN_FILL * groups[start][0]):
+                   and groups[start + n][0] >= self.min_fill * groups[start][0]):
                 n += 1
             chunk = groups[start : start + n]
             start += n
@@ -628,7 +725,7 @@ class FastLM(HFLM):
             n, longest = 1, chunk[rows[start][0]][0]
             while start + n < len(rows) and n < self.max_batch and (n + 1) * width <= self.batch_tokens:
                 g, u = rows[start + n]
-                if len(u.tokens) - chunk[g][0] < _MIN_FILL * width:
+                if len(u.tokens) - chunk[g][0] < self.min_fill * width:
                     break
                 longest_next = max(longest, chunk[g][0])
                 if (n + 1) * (longest_next + width) > kv_budget:
@@ -704,8 +801,16 @@ class FastLM(HFLM):
         # distance of each scored token from flipping: to the runner-up if it is the argmax, else to the argmax
         margin = torch.where(greedy_row, best[rows_t] - second[rows_t], best[rows_t] - tlp).float().cpu()
         greedy_row, tlp_cpu = greedy_row.cpu(), tlp.cpu()  # one transfer, not one per request
+        # one-token continuations (multiple choice) read plain Python numbers: no tensor op per request
+        tlp_list, greedy_list, margin_list = tlp_cpu.tolist(), greedy_row.tolist(), margin.tolist()
+        threshold = torch.tensor(self.decision_margin, dtype=margin.dtype).item()  # as the tensor comparison rounds it
         pos = 0
         for i, n in owners:
+            if n == 1:
+                results[i] = (tlp_list[pos], greedy_list[pos])
+                robust[i] = margin_list[pos] > threshold
+                pos += 1
+                continue
             values = tlp_cpu[pos : pos + n]
             is_greedy = bool(greedy_row[pos : pos + n].all())
             m = margin[pos : pos + n]
@@ -815,29 +920,40 @@ class FastLM(HFLM):
         exact = self.decode == "exact"
         head_norms = None
         slots, free = None, []
+        static = None  # the fixed-shape step (decode_graph), built with the KV buffer's first use
         while pending or active:
             while pending and (slots is None or free):
-                row = pending.popleft()
+                batch = [pending.popleft()]
+                if not exact and slots is not None:  # batched decode: prompts for the free slots prefilled together
+                    while (pending and len(batch) < len(free)
+                           and (len(batch) + 1) * len(batch[0].prompt) <= self.batch_tokens):
+                        batch.append(pending.popleft())
                 started = time.perf_counter()
-                with self._phase("gen prefill (each prompt alone)"):
-                    layers, token = self._prefill(row)
+                if len(batch) == 1:
+                    with self._phase("gen prefill (each prompt alone)"):
+                        prefilled = [self._prefill(batch[0])]
+                else:
+                    with self._phase("gen prefill (prompts together, batched decode)"):
+                        prefilled = self._prefill_together(batch)
                 self.stats["prefill_s"] += time.perf_counter() - started
-                row.generated.append(token)
-                if self._stopped(row, token, eos_ids):
-                    bar.update(1)
-                    yield row
-                    continue
-                row.cached = len(row.prompt)
-                if slots is None:  # shapes are known after the first prefill
-                    k0 = layers[0][0]
-                    count = self._slot_count(rows, layers)
-                    slots = _SlotCache(len(layers), count, k0.shape[1], max(len(r.prompt) + r.max_new for r in rows),
-                                       k0.shape[3], k0.dtype, k0.device)
-                    free = list(range(count))
-                row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
-                with self._phase("gen cache copies (prompt KV into its slot)"):
-                    slots.load(row.slot, layers)
-                active.append(row)
+                for row, (layers, token) in zip(batch, prefilled):
+                    row.generated.append(token)
+                    if self._stopped(row, token, eos_ids):
+                        bar.update(1)
+                        yield row
+                        continue
+                    row.cached = len(row.prompt)
+                    if slots is None:  # shapes are known after the first prefill
+                        k0 = layers[0][0]
+                        count = self._slot_count(rows, layers)
+                        slots = _SlotCache(len(layers), count, k0.shape[1],
+                                           max(len(r.prompt) + r.max_new for r in rows), k0.shape[3], k0.dtype,
+                                           k0.device)
+                        free = list(range(count))
+                    row.slot = free.pop(0)  # lowest free slot first: a full batch reads the cache without a gather
+                    with self._phase("gen cache copies (prompt KV into its slot)"):
+                        slots.load(row.slot, layers)
+                    active.append(row)
             if not active:
                 continue
             active.sort(key=lambda r: r.slot)
@@ -846,6 +962,13 @@ class FastLM(HFLM):
                 if head_norms is None:
                     head_norms = self._head.weight.float().norm(dim=1)
                 tokens = self._exact_step(active, slots, head_norms)
+            elif (self.decode_graph and not (static is not None and static.failed)
+                  and all(row.penalty == 1.0 for row in active)):
+                if static is None:
+                    static = _StaticStep(self, slots, capture=self.device.type == "cuda")
+                with self._phase("gen decode step (fixed shapes, CUDA graph on a GPU)"):
+                    tokens = static(active)
+                self.stats["fixed_shape_steps"] += 1
             else:
                 tokens = self._batched_step(active, slots)
             self.stats["decode_s"] += time.perf_counter() - started
@@ -874,6 +997,30 @@ class FastLM(HFLM):
             row.seen = ids[0]
             logits = self._penalize(logits, [row])
         return _cache_layers(cache), int(logits.argmax(dim=-1))
+
+    def _prefill_together(self, rows: list[_Row]):
+        """Batched decode only: the prompts in one right-padded forward (causal attention never looks right,
+        so no real position sees padding); each row's KV and first token, as ``_prefill`` returns them."""
+        lengths = [len(r.prompt) for r in rows]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : lengths[r]] = torch.tensor(row.prompt, dtype=torch.long)
+        ids = ids.to(self.device)
+        cache = _new_dynamic_cache(self.model.config)
+        hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
+        last = torch.tensor(lengths, device=hidden.device) - 1
+        logits = self._head_logits(hidden[torch.arange(len(rows), device=hidden.device), last].unsqueeze(1))[:, -1]
+        logits = logits.float()
+        for r, row in enumerate(rows):
+            if row.penalty != 1.0:
+                row.seen = ids[r, : lengths[r]]
+        if any(row.penalty != 1.0 for row in rows):
+            logits = self._penalize(logits, rows)
+        tokens = logits.argmax(dim=-1).tolist()
+        layers = _cache_layers(cache)
+        return [([(k[r : r + 1, :, :n], v[r : r + 1, :, :n]) for k, v in layers], tokens[r])
+                for r, n in enumerate(lengths)]
 
     @staticmethod
     def _penalize(scores: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
