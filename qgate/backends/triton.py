@@ -80,10 +80,14 @@ def _pow2(e):
 
 
 @triton.jit
-def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
-    """Round float32 v to the element grid: half to even, subnormals kept, saturating at MAXV."""
-    bits = v.to(tl.int32, bitcast=True)
-    a = tl.minimum((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), MAXV)
+def _round_abs_to_element(a, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr,
+                          NAN_THROUGH: tl.constexpr):
+    """Round float32 a >= 0 to the element grid: half to even, subnormals kept, saturating at MAXV.
+    NAN_THROUGH: a NaN stays NaN (else the saturation may turn it into MAXV)."""
+    if NAN_THROUGH:
+        a = tl.minimum(a, MAXV, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        a = tl.minimum(a, MAXV)
     if IS_INT:
         # INT8 of MX: a fixed quantum of 2^-(MBITS-1); C = quantum * 2^23
         c = tl.full(a.shape, (127 + 23 - (MBITS - 1)) << 23, tl.int32).to(tl.float32, bitcast=True)
@@ -91,8 +95,21 @@ def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.const
         # the quantum of a's binade (fixed below the normal range), times 2^23
         ebits = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
         c = (ebits + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
-    r = (a + c) - c
-    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return (a + c) - c
+
+
+@triton.jit
+def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
+    """Round float32 v to the element grid: half to even, subnormals kept, saturating at MAXV."""
+    bits = v.to(tl.int32, bitcast=True)
+    r = _round_abs_to_element((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), EMIN, MBITS, MAXV, IS_INT, False)
+    return _with_sign(r, bits)
+
+
+@triton.jit
+def _with_sign(y, bits):
+    """y (sign bit clear) with the sign bit of the int32 bit pattern `bits`: one 3-input logic op."""
+    return (y.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -110,16 +127,31 @@ def _to_output(y, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _exact_quotient(x, b, r, DIV_MODE: tl.constexpr):
-    """RN(x / b) for float32 x, b > 0 normal, r = RN(1 / b)."""
+def _abs_quotient(a, b, nb, r, DIV_MODE: tl.constexpr):
+    """RN(a / b) for float32 a >= 0, b > 0 normal, nb = -b, r = RN(1 / b).
+
+    Callers divide |x| and put x's sign back on the rounded result once: RN is symmetric, and a = +0
+    gives q0 = +0, a residual +0 and +0, so no signed zero needs restoring here. The residual takes
+    -b (negated once per scale) rather than -q0: no negation per element.
+    Non-finite a: DIV_MODE 0 gives Inf for Inf; DIV_MODE 1 gives NaN for both NaN and Inf (the
+    residual of Inf is Inf - Inf)."""
     if DIV_MODE == 0:
-        return tl.math.div_rn(x, b)
+        return tl.math.div_rn(a, b)
     else:
-        q0 = x * r
-        res = tl.fma(-q0, b, x)  # exact
-        q1 = tl.fma(res, r, q0)
-        # x = -0 gives q0 = -0, res = +0 and q1 = +0 + -0 = +0: restore the sign of the quotient
-        return (q1.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+        q0 = a * r
+        res = tl.fma(q0, nb, a)  # exact
+        return tl.fma(res, r, q0)
+
+
+@triton.jit
+def _lifted_quotient(a, b, nb, r, lift, any_lift, DIV_MODE: tl.constexpr):
+    """RN(a / b) where b and r were computed on scale * lift: lift is 2^80 for tiny scales (the
+    quotient of a * 2^80 by scale * 2^80: the same value, no subnormal residual), else 1. The tiny
+    case is rare and `any_lift` (a scalar: some lift of this program is not 1) is uniform over the
+    program, so it is a branch around the one multiply, not a multiply on every element."""
+    if any_lift:
+        a = a * lift
+    return _abs_quotient(a, b, nb, r, DIV_MODE)
 
 
 @triton.jit
@@ -203,6 +235,10 @@ def _tensor_scale(amax_ptr, DIVISOR: tl.constexpr):
     return tl.where(s > 0, s, 1.0)
 
 
+# Tensor and row scales below 2^-50 take the quotient on values and scale multiplied by 2^80.
+# (Literals inside the kernels: 8.881784197001252e-16 = 2^-50, 1.2089258196146292e+24 = 2^80.)
+
+
 @triton.jit
 def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
                   BLOCK: tl.constexpr, R: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
@@ -211,24 +247,42 @@ def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
     if REVERSE:  # start where the amax pass ended: that part of the tensor may still be in L2
         pid = tl.num_programs(0) - 1 - pid
     s_tensor = _tensor_scale(amax_ptr, 2688.0)  # 6 * 448
-    # tiny tensor scales: quotient computed on x * 2^80 and scale * 2^80 (same value, no subnormals)
-    lift = tl.where(s_tensor < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    tiny = s_tensor < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
     offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    # every value is worked on as |x| (the bits without the sign); the sign goes back on the result
+    bits = x.to(tl.int32, bitcast=True)
+    abits = bits & 0x7FFFFFFF
+    amax_bits = tl.max(abits, axis=1)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     ratio = tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_tensor)
     ratio = tl.minimum(tl.maximum(ratio, 0.015625), 448.0)
-    s_block = _round_to_element(ratio, -6, 3, 448.0, False)  # E4M3, RNE
+    s_block = _round_abs_to_element(ratio, -6, 3, 448.0, False, False)  # E4M3, RNE (ratio > 0)
     total = s_block * s_tensor
     total_l = total * lift
     recip = tl.math.div_rn(1.0, total_l)
-    v = _exact_quotient(x * lift, total_l[:, None], recip[:, None], DIV_MODE)
-    q = _round_to_element(v, 0, 1, 6.0, False)  # E2M1
-    y = q * total[:, None]
-    y = tl.where(bad[:, None], float("nan"), y)
+    v = _lifted_quotient(abits.to(tl.float32, bitcast=True), total_l[:, None], -total_l[:, None], recip[:, None],
+                         lift, tiny, DIV_MODE)
+    q = _round_abs_to_element(v, 0, 1, 6.0, False, False)  # E2M1
+    # a block holding NaN or Inf: NaN through its scale (any q times NaN is NaN), one select per block
+    y = _with_sign(q * tl.where(bad, float("nan"), total)[:, None], bits)
     tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE: tl.constexpr):
+    """fp8 (E4M3) fake quantization of float32 x with the scale s (s_l = s * lift, recip = RN(1 / s_l)).
+    NaN and Inf become NaN: with DIV_MODE 1 the quotient of either is NaN already and the rounding
+    keeps it (no compare and select per element); with DIV_MODE 0 a select does it."""
+    bits = x.to(tl.int32, bitcast=True)
+    abits = bits & 0x7FFFFFFF
+    v = _lifted_quotient(abits.to(tl.float32, bitcast=True), s_l, -s_l, recip, lift, any_lift, DIV_MODE)
+    y = _with_sign(_round_abs_to_element(v, -6, 3, 448.0, False, DIV_MODE == 1) * s, bits)
+    if DIV_MODE == 0:
+        y = tl.where(abits < 0x7F800000, y, float("nan"))
+    return y
 
 
 @triton.jit
@@ -238,7 +292,8 @@ def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl
     if REVERSE:
         pid = tl.num_programs(0) - 1 - pid
     s = _tensor_scale(amax_ptr, 448.0)
-    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    tiny = s < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
     s_l = s * lift
     recip = tl.math.div_rn(1.0, s_l)
     if INT64:
@@ -247,17 +302,29 @@ def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _round_to_element(_exact_quotient(x * lift, s_l, recip, DIV_MODE), -6, 3, 448.0, False)
-    y = q * s
-    finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
-    y = tl.where(finite, y, float("nan"))
+    y = _fp8_values(x, s, s_l, recip, lift, tiny, DIV_MODE)
     tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _row_scales(amax_bits):
+    """Per row: s = amax / 448 (1 for an all-zero row), the lift, s * lift, RN(1 / (s * lift)) and
+    whether any row of the program needs the lift."""
+    s = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0)
+    s = tl.where(s > 0, s, 1.0)
+    tiny = s < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
+    s_l = s * lift
+    recip = tl.math.div_rn(1.0, s_l)
+    return s[:, None], s_l[:, None], recip[:, None], lift[:, None], tl.max(tiny.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
 def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
                     INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """ROWS rows per program: each row's amax over its finite values, then quantize with s = amax / 448."""
+    """ROWS rows per program: each row's amax over its finite values, then quantize with s = amax / 448.
+    A row that fits one column step (K_TILES == 1) is loaded once and kept in registers for both;
+    a longer row is read twice, the second time mostly from L2."""
     if INT64:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     else:
@@ -265,30 +332,31 @@ def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.con
     row_ok = rows < n_rows
     base = rows * K
     cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
-    for t in range(K_TILES):
-        k0 = t * BLOCK_K
-        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        x = tl.load(x_ptr + base[:, None] + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
-    amax = tl.max(acc, axis=1).to(tl.float32, bitcast=True)  # exact: an integer max, whatever BLOCK_K is
-    s = tl.math.div_rn(amax, 448.0)
-    s = tl.where(s > 0, s, 1.0)
-    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
-    s_l = s * lift
-    recip = tl.math.div_rn(1.0, s_l)
-    for t in range(K_TILES):
-        k0 = t * BLOCK_K
-        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        offs = base[:, None] + k0 + cols[None, :]
+    if K_TILES == 1:
+        m = row_ok[:, None] & (cols < K)[None, :]
+        offs = base[:, None] + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        v = _exact_quotient(x * lift[:, None], s_l[:, None], recip[:, None], DIV_MODE)
-        q = _round_to_element(v, -6, 3, 448.0, False)
-        y = q * s[:, None]
-        finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
-        y = tl.where(finite, y, float("nan"))
+        abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        s, s_l, recip, lift, any_lift = _row_scales(tl.max(tl.where(abits < 0x7F800000, abits, 0), axis=1))
+        y = _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE)
         tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
+        for t in range(K_TILES):
+            k0 = t * BLOCK_K
+            m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            x = tl.load(x_ptr + base[:, None] + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
+        # exact: an integer max, whatever BLOCK_K is
+        s, s_l, recip, lift, any_lift = _row_scales(tl.max(acc, axis=1))
+        for t in range(K_TILES):
+            k0 = t * BLOCK_K
+            m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            offs = base[:, None] + k0 + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE)
+            tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
 
 
 def _cdiv(a: int, b: int) -> int:
