@@ -116,3 +116,42 @@ def test_every_tile_of_the_space_is_bit_exact_in_the_triton_interpreter():
     shapes = sum(len({tuple(sorted((k, v) for k, v in c.items() if k != "num_warps")) for c in space})
                  for space in tt.SPACE.values())
     assert runs == shapes * 4  # every tile shape ran on every case
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without a GPU (a GPU would run the sweep)")
+def test_bench_kernels_cli_passes_the_sweep_options_to_the_benchmark(monkeypatch):
+    """`qgate bench kernels --sweep --rep-ms --budget-s` hands the options to bench/kernels.py's run(), which
+    without a CUDA device stops with one line and exit code 2 (no traceback)."""
+    import time
+
+    from click.testing import CliRunner
+
+    import qgate.cli as cli_module
+
+    load = cli_module._bench_module
+    seen = {}
+
+    def load_and_watch(name):
+        module = load(name)
+        run = module.run
+
+        def watched_run(*args, **kwargs):
+            seen.update(kwargs, args=args)
+            return run(*args, **kwargs)
+
+        module.run = watched_run
+        return module
+
+    monkeypatch.setattr(cli_module, "_bench_module", load_and_watch)
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels", "--sweep", "--rep-ms", "50", "--budget-s", "30",
+                                              "--size-mib", "1", "--no-peers"])
+    assert seen["sweep"] is True and seen["rep_ms"] == 50 and seen["args"][0] == 1
+    assert 0 < seen["deadline"] - time.monotonic() <= 30
+    assert res.exit_code == 2
+    assert "bench kernels needs a CUDA device" in res.output and "Traceback" not in res.output
+
+    seen.clear()
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels"])
+    assert res.exit_code == 2 and seen["sweep"] is False and seen["rep_ms"] == 200 and seen["deadline"] is None
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels", "--budget-s", "0"])
+    assert res.exit_code == 2 and "--budget-s" in res.output
