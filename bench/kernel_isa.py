@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 ROWS, COLS = 65536, 4096
+HALVES = {"R": 128, "num_warps": 2, "HALVES": 1}  # the NVFP4 variant with one thread per block, also counted
 # SASS opcode classes worth watching (the part of the opcode before the first dot)
 CLASSES = {"fp32 mul/add/fma": ("FMUL", "FADD", "FFMA", "FMNMX"), "int/logic": ("LOP3", "IADD3", "IMAD", "SHF",
            "LEA", "IMNMX", "ISETP", "SEL", "FSEL", "FSETP", "PRMT", "F2F", "MUFU"), "memory": ("LDG", "STG", "LDS", "STS"),
@@ -159,6 +160,7 @@ def compile_all(tiles: dict | None = None) -> dict[str, dict]:
         "_mx_kernel (rceil)": lambda: b._mx(x, out, COLS, get_format("mxfp4_rceil").element, 32, rceil=True),
         "_amax_finite_kernel": lambda: b.tensor_amax_bits(x),
         "_nvfp4_kernel": lambda: b._nvfp4(x, out, COLS, 16, amax),
+        "_nvfp4_kernel (halves)": lambda: TritonBackend(tiles=dict(tiles, nvfp4=HALVES))._nvfp4(x, out, COLS, 16, amax),
         "_fp8_tensor_kernel": lambda: b._fp8_tensor(x, out),
         "_fp8_row_kernel": lambda: b._fp8_rows(x, out, COLS),
     }
@@ -178,6 +180,7 @@ def values_per_thread(label: str, tiles: dict, num_warps: int) -> float:
     t = {k: dict(DEFAULT[k], **tiles.get(k, {})) for k in DEFAULT}
     per_program = {"_mx_kernel": t["mx"]["R"] * 32, "_mx_kernel (rceil)": t["mx_rceil"]["R"] * 32,
                    "_amax_finite_kernel": t["amax"]["BLOCK"] * t["amax"]["TILES"], "_nvfp4_kernel": t["nvfp4"]["R"] * 16,
+                   "_nvfp4_kernel (halves)": HALVES["R"] * 16,
                    "_fp8_tensor_kernel": 2048, "_fp8_row_kernel": t["fp8_row"]["ROWS"] * min(t["fp8_row"]["BLOCK_K"], COLS)}
     return per_program[label] / (32 * num_warps)
 

@@ -324,6 +324,27 @@ def test_tensor_scales_tiny_and_normal_with_signed_zeros_and_non_finite(fmt, div
 
 
 @gpu
+@pytest.mark.parametrize("div_mode", DIV_MODES)
+def test_nvfp4_blocks_loaded_as_two_halves(div_mode):
+    """HALVES tiles: tail blocks whose second half is empty, partly filled or full, a last program only
+    partly filled, NaN/Inf in either half, many scales; the same bits as the reference."""
+    from qgate.backends.triton import TritonBackend
+
+    backend = TritonBackend(div_mode=div_mode, tiles={"nvfp4": {"R": 4, "num_warps": 2, "HALVES": 1}})
+    g = torch.Generator().manual_seed(4)
+    for last in (1, 7, 8, 9, 15, 16, 17, 25, 100):
+        x = torch.randn(37, last, generator=g) * 5
+        x[:, -1] = 100.0
+        assert_bit_exact(x, "nvfp4", backend)
+    x = many_scales(13, 96, seed=2)
+    x[1, 3] = float("nan")    # first half of a block
+    x[2, 45] = float("inf")   # second half of a block
+    x[3, 16:32] = -0.0
+    for dtype in DTYPES:
+        assert_bit_exact(x.to(dtype), "nvfp4", backend)
+
+
+@gpu
 def test_nvfp4_block_pass_with_known_amax():
     from qgate.backends.triton import TritonBackend
 

@@ -156,19 +156,20 @@ def _lifted_quotient(a, b, nb, r, lift, any_lift, DIV_MODE: tl.constexpr):
 
 @triton.jit
 def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.constexpr,
-                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr):
-    """Offsets [R, BLOCK] of the R blocks program `pid` owns, and the mask of the real elements."""
+                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, WIDTH: tl.constexpr):
+    """Offsets [R, WIDTH] of the first WIDTH values of the R blocks program `pid` owns (WIDTH = BLOCK:
+    the whole blocks), and the mask of the real elements."""
     if INT64:
         blk = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
     else:
         blk = pid * R + tl.arange(0, R)
-    j = tl.arange(0, BLOCK)
+    j = tl.arange(0, WIDTH)
     if EVEN_K:  # the last dimension is a whole number of blocks: blocks are contiguous in memory
         offs = blk[:, None] * BLOCK + j[None, :]
         if EVEN_N:  # a constant mask, folded away by the compiler
-            mask = tl.full([R, BLOCK], 1, tl.int1)
+            mask = tl.full([R, WIDTH], 1, tl.int1)
         else:
-            mask = (blk[:, None] < n_blocks) & (j[None, :] < BLOCK)
+            mask = (blk[:, None] < n_blocks) & (j[None, :] < WIDTH)
     else:  # a tail block per row: index (row, column block) and mask the padding
         row = blk // blocks_per_row
         col = (blk % blocks_per_row) * BLOCK
@@ -178,13 +179,29 @@ def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.con
 
 
 @triton.jit
+def _second_half_mask(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.constexpr,
+                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, first_mask):
+    """The mask of the second halves [R, BLOCK/2] of the blocks whose first halves `first_mask` masks."""
+    if EVEN_K:  # whole blocks: the second half is there wherever the first is
+        return first_mask
+    else:
+        if INT64:
+            blk = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
+        else:
+            blk = pid * R + tl.arange(0, R)
+        col = (blk % blocks_per_row) * BLOCK + BLOCK // 2
+        j = tl.arange(0, BLOCK // 2)
+        return ((col[:, None] + j[None, :]) < K) & (blk[:, None] < n_blocks)
+
+
+@triton.jit
 def _mx_kernel(x_ptr, y_ptr, n_blocks, K, blocks_per_row,
                EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr,
                IS_INT: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr,
                RCEIL: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
+    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # amax as the integer max of |x|'s bits: exact; Inf and NaN compare above every finite value
     amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
@@ -240,21 +257,45 @@ def _tensor_scale(amax_ptr, DIVISOR: tl.constexpr):
 
 
 @triton.jit
+def _nvfp4_values(x, total_l, recip, total_y, lift, tiny, DIV_MODE: tl.constexpr):
+    """E2M1 fake quantization of float32 x [R, n] with per-block scales [R]: worked on |x| (the bits
+    without the sign), the sign put back on the result. total_y: the scale to dequantize with (NaN for
+    a block holding NaN or Inf: any q times NaN is NaN, one select per block instead of per value)."""
+    bits = x.to(tl.int32, bitcast=True)
+    a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    v = _lifted_quotient(a, total_l[:, None], -total_l[:, None], recip[:, None], lift, tiny, DIV_MODE)
+    q = _round_abs_to_element(v, 0, 1, 6.0, False, False)  # E2M1
+    return _with_sign(q * total_y[:, None], bits)
+
+
+@triton.jit
 def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
                   BLOCK: tl.constexpr, R: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                  INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr):
+                  INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr,
+                  HALVES: tl.constexpr):
+    """HALVES: each block is loaded as two tiles of BLOCK/2 columns (its first and second halves). A
+    16-byte load holds 8 bf16 values, so with one [R, 16] tile two threads share every block and each
+    computes the block's scale; with two [R, 8] tiles one thread holds the whole block and computes
+    its scale alone (half the per-block work per thread, at the price of two loads and two stores per
+    block that each fill half of a 32-byte sector)."""
     pid = tl.program_id(0)
     if REVERSE:  # start where the amax pass ended: that part of the tensor may still be in L2
         pid = tl.num_programs(0) - 1 - pid
     s_tensor = _tensor_scale(amax_ptr, 2688.0)  # 6 * 448
     tiny = s_tensor < 8.881784197001252e-16
     lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
-    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # every value is worked on as |x| (the bits without the sign); the sign goes back on the result
-    bits = x.to(tl.int32, bitcast=True)
-    abits = bits & 0x7FFFFFFF
-    amax_bits = tl.max(abits, axis=1)
+    if HALVES:
+        offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK // 2)
+        offs_hi = offs + BLOCK // 2
+        mask_hi = _second_half_mask(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + offs_hi, mask=mask_hi, other=0.0).to(tl.float32)
+        amax_bits = tl.maximum(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1),
+                               tl.max(x_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1))
+    else:
+        offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     ratio = tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_tensor)
@@ -263,12 +304,12 @@ def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
     total = s_block * s_tensor
     total_l = total * lift
     recip = tl.math.div_rn(1.0, total_l)
-    v = _lifted_quotient(abits.to(tl.float32, bitcast=True), total_l[:, None], -total_l[:, None], recip[:, None],
-                         lift, tiny, DIV_MODE)
-    q = _round_abs_to_element(v, 0, 1, 6.0, False, False)  # E2M1
-    # a block holding NaN or Inf: NaN through its scale (any q times NaN is NaN), one select per block
-    y = _with_sign(q * tl.where(bad, float("nan"), total)[:, None], bits)
+    total_y = tl.where(bad, float("nan"), total)
+    y = _nvfp4_values(x, total_l, recip, total_y, lift, tiny, DIV_MODE)
     tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    if HALVES:
+        y_hi = _nvfp4_values(x_hi, total_l, recip, total_y, lift, tiny, DIV_MODE)
+        tl.store(y_ptr + offs_hi, _to_output(y_hi, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask_hi)
 
 
 @triton.jit
@@ -475,7 +516,7 @@ class TritonBackend(Backend):
         _nvfp4_kernel[grid](src, out, amax_bits, g["n_blocks"], K, g["blocks_per_row"],
                             BLOCK=block, R=t["R"], EVEN_K=g["EVEN_K"], EVEN_N=g["EVEN_N"],
                             INT64=g["INT64"], DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse,
-                            num_warps=t["num_warps"], **_LAUNCH)
+                            HALVES=bool(t.get("HALVES", 0)), num_warps=t["num_warps"], **_LAUNCH)
 
     def nvfp4_block_pass(self, src: torch.Tensor, amax_bits: torch.Tensor,
                          out: torch.Tensor | None = None) -> torch.Tensor:
