@@ -274,10 +274,10 @@ def test_every_kernel_variant_agrees(fmt):
 def _rows_for_scales(K: int, seed: int) -> torch.Tensor:
     """Rows that reach every case of the per-element path: normal and tiny scales (a row scale below
     2^-50 takes the 2^80 lift) side by side in one program, -0 and +0, rounding to -0, an all-zero
-    row, NaN and Inf, a row of -0 only."""
+    row, NaN and Inf, a row of -0 only, a row of NaN and Inf only."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(11, K, generator=g)
-    x *= torch.tensor([1.0, 1e-20, 3.0, 1e-25, 1e3, 1e-16, 1.0, 1e-30, 2.0, 1.0, 1e-20]).unsqueeze(1)
+    x = torch.randn(12, K, generator=g)
+    x *= torch.tensor([1.0, 1e-20, 3.0, 1e-25, 1e3, 1e-16, 1.0, 1e-30, 2.0, 1.0, 1e-20, 1.0]).unsqueeze(1)
     x[0, :4] = torch.tensor([-0.0, 0.0, -1e-9, 1e-9])  # signed zeros and values that round to (signed) zero
     x[1, :3] = torch.tensor([-0.0, -1e-28, 1e-28])     # the same in a row that needs the lift
     x[2] = 0.0                                          # all zero: scale 1
@@ -286,6 +286,9 @@ def _rows_for_scales(K: int, seed: int) -> torch.Tensor:
     x[6, 0] = float("-inf")
     x[7, 1] = float("nan")                              # non-finite in a tiny row
     x[9] = -0.0
+    x[11] = float("inf")                                # non-finite only: NaN, whatever the scale
+    x[11, ::3] = float("-inf")
+    x[11, 1::3] = float("nan")
     return x
 
 

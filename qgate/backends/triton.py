@@ -377,8 +377,11 @@ def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.con
         m = row_ok[:, None] & (cols < K)[None, :]
         offs = base[:, None] + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        abits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        s, s_l, recip, lift, any_lift = _row_scales(tl.max(tl.where(abits < 0x7F800000, abits, 0), axis=1))
+        # the max over finite |x| in one add per value: |x|'s bits + 2^23 stay positive for finite values
+        # and wrap to negative for Inf and NaN (above 0x7F7FFFFF), so a signed max passes over them;
+        # a row of non-finite values only has a negative max, and masked values (0) give 2^23: amax 0
+        top = tl.max((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + 0x00800000, axis=1)
+        s, s_l, recip, lift, any_lift = _row_scales(tl.where(top > 0, top - 0x00800000, 0))
         y = _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE)
         tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
     else:
