@@ -7,9 +7,19 @@ How each format runs (reads and writes of the tensor in device memory):
   finite value, so one reduction also flags non-finite blocks), reads floor(log2(amax)) from the
   exponent field, scales by an exact power of two, rounds to the element grid and writes back.
   One read, one write.
-* NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write).
+* NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write). A tile may load
+  each block as its two halves (HALVES) so that one thread holds a whole block and computes its
+  scale alone.
 * fp8 (per tensor): the same amax pass, then an elementwise pass.
-* fp8_channel: a few rows per program; each row is read twice in a row, the second time from L2.
+* fp8_channel: a few rows per program. A row that fits one column step (K <= BLOCK_K) is loaded once
+  and kept in registers for its amax and its quantization; a longer row is read twice, the second
+  time mostly from L2.
+
+NVFP4 and fp8 work on |x| (the bits without the sign) through the quotient and the rounding and put
+x's sign back on the result with one logic op; the 2^80 lift of tiny scales (below) is a branch that
+is uniform over a program, not a multiply per value; a non-finite NVFP4 block is made NaN through
+its dequantization scale (one select per block), and with the residual division a non-finite fp8
+value becomes NaN through the quotient itself (Inf - Inf in the residual), with no select per value.
 
 Tile shapes (blocks or rows per program, warps) are chosen per GPU model (qgate.backends.triton_tuning);
 no reduction that sets a scale spans more than one block or one row, and each is an exact integer
