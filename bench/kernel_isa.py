@@ -4,12 +4,13 @@ Each kernel is compiled the way the backend launches it on the benchmark tensor 
 the tiles of the built-in H200 table unless --tiles says otherwise), through triton's own host code:
 a stand-in driver reports an sm_90 target and every launch only compiles. The PTX comes from
 triton.compile, the SASS from the bundled cuobjdump. Printed per kernel: PTX instructions and SASS
-instructions in the kernel body (static counts), the SASS instructions one thread runs on the common path
-(every forward conditional branch taken: the rare slow paths of IEEE divisions and the 2^80 lift of
-tiny scales jumped over), the values each thread handles, and the count of a few instruction classes.
-A loop body (fp8_channel over several column steps) is counted once.
+instructions in the kernel body (static counts), the SASS instructions one thread runs on the common
+path (every forward conditional branch taken: the rare slow paths of IEEE divisions and the 2^80 lift
+of tiny scales jumped over), the values each thread handles, the registers per thread, and the count
+of a few instruction classes. A loop body (fp8_channel over several column steps) is counted once.
+Needs triton (3.6.0 gave the counts in bench/NOTES-kernels.md); no GPU, no CUDA driver.
 
-    python bench/kernel_isa.py [--json out.json] [--dump DIR]
+    python bench/kernel_isa.py [--json out.json] [--dump DIR] [--tiles '{"nvfp4": {"R": 64, "num_warps": 2}}']
 """
 
 from __future__ import annotations
@@ -74,14 +75,24 @@ def _capture_compiles():
     return compiled
 
 
-def _sass(cubin: bytes) -> str:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     from triton import knobs
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f.name], capture_output=True, text=True,
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, f.name], capture_output=True, text=True,
                               check=True).stdout
+
+
+def _sass(cubin: bytes) -> str:
+    return _cuobjdump(cubin, "-sass")
+
+
+def registers(cubin: bytes) -> tuple[int, int]:
+    """Registers per thread and stack bytes (non-zero: spilled) of the kernel."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def ptx_instructions(ptx: str) -> list[str]:
@@ -170,7 +181,8 @@ def compile_all(tiles: dict | None = None) -> dict[str, dict]:
         launch()
         name = label.split()[0]
         k = compiled[name]
-        results[label] = {"ptx": k.asm["ptx"], "sass": _sass(k.asm["cubin"]), "num_warps": k.metadata.num_warps}
+        results[label] = {"ptx": k.asm["ptx"], "sass": _sass(k.asm["cubin"]), "num_warps": k.metadata.num_warps,
+                          "registers": registers(k.asm["cubin"])}
     return results
 
 
@@ -194,6 +206,7 @@ def summarize(results: dict, tiles: dict) -> dict:
         common, skipped = common_path(r["sass"])
         out[label] = {"ptx_instructions": len(ptx), "sass_instructions": len(sass), "num_warps": r["num_warps"],
                       "sass_common_path": common, "sass_skipped_blocks": skipped,
+                      "registers": r["registers"][0], "stack_bytes": r["registers"][1],
                       "values_per_thread": values_per_thread(label, tiles, r["num_warps"]),
                       "sass_classes": {c: sum(base[o] for o in ops) for c, ops in CLASSES.items()},
                       "ptx_float_ops": Counter(i.split()[0] for i in ptx if re.match(r"(mul|add|sub|fma|div|rcp|min|max)"
@@ -213,12 +226,12 @@ def main(argv=None) -> int:
     results = compile_all(tiles)
     summary = summarize(results, tiles)
     print(f"{'kernel':22s} {'PTX':>5s} {'SASS':>5s} {'path':>5s} {'warps':>5s} {'values':>6s} {'path/value':>10s}"
-          f"  SASS classes (static)")
+          f" {'regs':>4s}  SASS classes (static)")
     for label, s in summary.items():
         cls = ", ".join(f"{k} {v}" for k, v in s["sass_classes"].items())
         print(f"{label:22s} {s['ptx_instructions']:5d} {s['sass_instructions']:5d} {s['sass_common_path']:5d} "
               f"{s['num_warps']:5d} {s['values_per_thread']:6.0f} {s['sass_common_path'] / s['values_per_thread']:10.1f}"
-              f"  {cls}")
+              f" {s['registers']:4d}  {cls}")
     if args.dump:
         d = Path(args.dump)
         d.mkdir(parents=True, exist_ok=True)
