@@ -285,13 +285,16 @@ def run(size_mib: int = 512, formats: tuple[str, ...] | None = None, peers: bool
         rep_ms: int = 200, deadline: float | None = None, sweep: bool = False) -> Result:
     """deadline (time.monotonic()): peers not started by then are listed as skipped.
     sweep: first choose this GPU's tiles by a measured sweep (sweep_tiles), then benchmark with them."""
-    from qgate.backends.triton import TritonBackend
-    from qgate.backends.triton_tuning import source_of
+    from qgate.errors import QgateError
 
     if not torch.cuda.is_available():
-        from qgate.errors import QgateError
-
         raise QgateError("bench kernels needs a CUDA device (none is visible to torch)")
+    try:
+        from qgate.backends.triton import TritonBackend
+    except ImportError as exc:
+        raise QgateError(f"bench kernels needs triton ({exc})") from exc
+    from qgate.backends.triton_tuning import source_of
+
     every = [f.name for f in list_formats() if not f.is_identity]
     formats = formats or tuple(sorted(every, key=lambda n: (n not in GOAL_FORMATS, every.index(n))))
     cols = 4096

@@ -444,11 +444,16 @@ def bench_group():
 @click.option("--mx-path", default=None, type=click.Path(file_okay=False), help="Folder holding microxcaling's `mx` package.")
 @click.option("--model", is_flag=True, help="Add the whole-model figure (random Qwen2.5-7B-shaped weights on the GPU).")
 @click.option("--json-file", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
-def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path):
+@click.option("--sweep", is_flag=True, help="First choose this GPU's tile shapes by a measured sweep (cached per device name).")
+@click.option("--rep-ms", type=click.IntRange(min=1), default=200, show_default=True, help="Timing window per measurement.")
+@click.option("--budget-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peers not started within this many seconds are listed as skipped.")
+def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path, sweep, rep_ms, budget_s):
     """Fake-quantization kernels vs a device copy and peers on one CUDA GPU: GB/s, % of copy, speedups."""
     bench = _bench_module("kernels")
     names = tuple(get_format(f.strip()).name for f in formats.split(",") if f.strip()) or None
-    res = bench.run(size_mib, names, peers, mx_path)
+    deadline = time.monotonic() + budget_s if budget_s else None
+    res = bench.run(size_mib, names, peers, mx_path, rep_ms=rep_ms, deadline=deadline, sweep=sweep)
     if model:
         res.model = bench.model_figure()
     if json_path:

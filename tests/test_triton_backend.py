@@ -271,6 +271,82 @@ def test_every_kernel_variant_agrees(fmt):
         assert_bit_exact(x, fmt, backend, want=want)
 
 
+def _rows_for_scales(K: int, seed: int) -> torch.Tensor:
+    """Rows that reach every case of the per-element path: normal and tiny scales (a row scale below
+    2^-50 takes the 2^80 lift) side by side in one program, -0 and +0, rounding to -0, an all-zero
+    row, NaN and Inf, a row of -0 only, a row of NaN and Inf only."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, K, generator=g)
+    x *= torch.tensor([1.0, 1e-20, 3.0, 1e-25, 1e3, 1e-16, 1.0, 1e-30, 2.0, 1.0, 1e-20, 1.0]).unsqueeze(1)
+    x[0, :4] = torch.tensor([-0.0, 0.0, -1e-9, 1e-9])  # signed zeros and values that round to (signed) zero
+    x[1, :3] = torch.tensor([-0.0, -1e-28, 1e-28])     # the same in a row that needs the lift
+    x[2] = 0.0                                          # all zero: scale 1
+    x[4, K // 2] = float("nan")
+    x[5, -1] = float("inf")
+    x[6, 0] = float("-inf")
+    x[7, 1] = float("nan")                              # non-finite in a tiny row
+    x[9] = -0.0
+    x[11] = float("inf")                                # non-finite only: NaN, whatever the scale
+    x[11, ::3] = float("-inf")
+    x[11, 1::3] = float("nan")
+    return x
+
+
+@gpu
+@pytest.mark.parametrize("div_mode", DIV_MODES)
+@pytest.mark.parametrize("tile", [dict(ROWS=1, BLOCK_K=4096), dict(ROWS=4, BLOCK_K=4096), dict(ROWS=2, BLOCK_K=1024)])
+def test_fp8_channel_one_load_and_two_loads_per_row(div_mode, tile):
+    """K <= BLOCK_K: the row is loaded once and kept for both the amax and the quantization; K > BLOCK_K:
+    read twice. Tiny and normal rows share programs, so the uniform lift branch runs for rows that do
+    not need it (their lift is 1)."""
+    from qgate.backends.triton import TritonBackend
+
+    backend = TritonBackend(div_mode=div_mode, tiles={"fp8_row": dict(tile, num_warps=4)})
+    for K, seed in ((300, 0), (1500, 1), (4096, 2)):
+        x = _rows_for_scales(K, seed)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_bit_exact(x.to(dtype), "fp8_channel", backend)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("div_mode", DIV_MODES)
+def test_tensor_scales_tiny_and_normal_with_signed_zeros_and_non_finite(fmt, div_mode):
+    """One scale per tensor: the lift branch taken (tensor scale below 2^-50) or not, each with -0, values
+    that round to -0, NaN and Inf (an NVFP4 block holding them is NaN through its scale)."""
+    from qgate.backends.triton import TritonBackend
+
+    backend = TritonBackend(div_mode=div_mode)
+    for scale in (1.0, 1e-20, 1e-30):
+        x = _rows_for_scales(64, 3)[[0, 2, 4, 5, 6, 9]] * scale
+        x[1, :16] = torch.tensor([-0.0, -1e-3] * 8) * scale
+        assert_bit_exact(x, fmt, backend)
+        assert_bit_exact(x.to(torch.bfloat16), fmt, backend)
+        finite = x.nan_to_num(0.0, 0.0, 0.0)
+        assert_bit_exact(finite, fmt, backend)
+
+
+@gpu
+@pytest.mark.parametrize("div_mode", DIV_MODES)
+def test_nvfp4_blocks_loaded_as_two_halves(div_mode):
+    """HALVES tiles: tail blocks whose second half is empty, partly filled or full, a last program only
+    partly filled, NaN/Inf in either half, many scales; the same bits as the reference."""
+    from qgate.backends.triton import TritonBackend
+
+    backend = TritonBackend(div_mode=div_mode, tiles={"nvfp4": {"R": 4, "num_warps": 2, "HALVES": 1}})
+    g = torch.Generator().manual_seed(4)
+    for last in (1, 7, 8, 9, 15, 16, 17, 25, 100):
+        x = torch.randn(37, last, generator=g) * 5
+        x[:, -1] = 100.0
+        assert_bit_exact(x, "nvfp4", backend)
+    x = many_scales(13, 96, seed=2)
+    x[1, 3] = float("nan")    # first half of a block
+    x[2, 45] = float("inf")   # second half of a block
+    x[3, 16:32] = -0.0
+    for dtype in DTYPES:
+        assert_bit_exact(x.to(dtype), "nvfp4", backend)
+
+
 @gpu
 def test_nvfp4_block_pass_with_known_amax():
     from qgate.backends.triton import TritonBackend

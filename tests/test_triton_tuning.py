@@ -116,3 +116,73 @@ def test_every_tile_of_the_space_is_bit_exact_in_the_triton_interpreter():
     shapes = sum(len({tuple(sorted((k, v) for k, v in c.items() if k != "num_warps")) for c in space})
                  for space in tt.SPACE.values())
     assert runs == shapes * 4  # every tile shape ran on every case
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="without a GPU (a GPU would run the sweep)")
+def test_bench_kernels_cli_passes_the_sweep_options_to_the_benchmark(monkeypatch):
+    """`qgate bench kernels --sweep --rep-ms --budget-s` hands the options to bench/kernels.py's run(), which
+    without a CUDA device stops with one line and exit code 2 (no traceback)."""
+    import time
+
+    from click.testing import CliRunner
+
+    import qgate.cli as cli_module
+
+    load = cli_module._bench_module
+    seen = {}
+
+    def load_and_watch(name):
+        module = load(name)
+        run = module.run
+
+        def watched_run(*args, **kwargs):
+            seen.update(kwargs, args=args)
+            return run(*args, **kwargs)
+
+        module.run = watched_run
+        return module
+
+    monkeypatch.setattr(cli_module, "_bench_module", load_and_watch)
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels", "--sweep", "--rep-ms", "50", "--budget-s", "30",
+                                              "--size-mib", "1", "--no-peers"])
+    assert seen["sweep"] is True and seen["rep_ms"] == 50 and seen["args"][0] == 1
+    assert 0 < seen["deadline"] - time.monotonic() <= 30
+    assert res.exit_code == 2
+    assert "bench kernels needs a CUDA device" in res.output and "Traceback" not in res.output
+
+    seen.clear()
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels"])
+    assert res.exit_code == 2 and seen["sweep"] is False and seen["rep_ms"] == 200 and seen["deadline"] is None
+    res = CliRunner().invoke(cli_module.cli, ["bench", "kernels", "--budget-s", "0"])
+    assert res.exit_code == 2 and "--budget-s" in res.output
+
+
+def test_kernel_isa_counts_the_common_path_of_a_sass_listing():
+    """bench/kernel_isa.py's path count: forward conditional branches are taken (rare cases jumped over),
+    counting stops at the first EXIT, NOP padding and the called slow paths after it are left out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernel_isa.py"
+    spec = importlib.util.spec_from_file_location("kernel_isa", path)
+    isa = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(isa)
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA 0x40 ;
+        /*0020*/                   CALL.REL.NOINC 0x90 ;
+        /*0030*/                   FMUL R2, R2, 1.5 ;
+        /*0040*/                   FFMA R3, R2, R4, R5 ;
+        /*0050*/               @P1 BRA 0x70 ;
+        /*0060*/                   FMUL R3, R3, 1.20892581961462917471e+24 ;
+        /*0070*/                   STG.E.128 desc[UR4][R6.64], R8 ;
+        /*0080*/                   EXIT ;
+        /*0090*/                   MUFU.RCP R0, R1 ;
+        /*00a0*/                   RET.REL.NODEC R2 0x0 ;
+        /*00b0*/                   NOP ;
+    """
+    assert isa.common_path(sass) == (6, [2, 1])
+    assert isa.sass_instructions(sass)[-1] == "RET.REL.NODEC"
+    ptx = ".visible .entry k(\n.param .u64 k_param_0\n)\n{\n.reg .b32 %r<4>;\n$L__BB0_1:\n\tmul.rn.f32 %r1, %r2, %r3;" \
+          "\n\t// note\n\t@%p1 st.global.b32 [%rd1], %r1;\n\tret;\n}"
+    assert isa.ptx_instructions(ptx) == ["mul.rn.f32 %r1, %r2, %r3;", "@%p1 st.global.b32 [%rd1], %r1;", "ret;"]

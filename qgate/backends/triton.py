@@ -7,9 +7,19 @@ How each format runs (reads and writes of the tensor in device memory):
   finite value, so one reduction also flags non-finite blocks), reads floor(log2(amax)) from the
   exponent field, scales by an exact power of two, rounds to the element grid and writes back.
   One read, one write.
-* NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write).
+* NVFP4: a per-tensor amax pass (read), then the fused block pass (read + write). A tile may load
+  each block as its two halves (HALVES) so that one thread holds a whole block and computes its
+  scale alone.
 * fp8 (per tensor): the same amax pass, then an elementwise pass.
-* fp8_channel: a few rows per program; each row is read twice in a row, the second time from L2.
+* fp8_channel: a few rows per program. A row that fits one column step (K <= BLOCK_K) is loaded once
+  and kept in registers for its amax and its quantization; a longer row is read twice, the second
+  time mostly from L2.
+
+NVFP4 and fp8 work on |x| (the bits without the sign) through the quotient and the rounding and put
+x's sign back on the result with one logic op; the 2^80 lift of tiny scales (below) is a branch that
+is uniform over a program, not a multiply per value; a non-finite NVFP4 block is made NaN through
+its dequantization scale (one select per block), and with the residual division a non-finite fp8
+value becomes NaN through the quotient itself (Inf - Inf in the residual), with no select per value.
 
 Tile shapes (blocks or rows per program, warps) are chosen per GPU model (qgate.backends.triton_tuning);
 no reduction that sets a scale spans more than one block or one row, and each is an exact integer
@@ -80,10 +90,14 @@ def _pow2(e):
 
 
 @triton.jit
-def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
-    """Round float32 v to the element grid: half to even, subnormals kept, saturating at MAXV."""
-    bits = v.to(tl.int32, bitcast=True)
-    a = tl.minimum((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), MAXV)
+def _round_abs_to_element(a, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr,
+                          NAN_THROUGH: tl.constexpr):
+    """Round float32 a >= 0 to the element grid: half to even, subnormals kept, saturating at MAXV.
+    NAN_THROUGH: a NaN stays NaN (else the saturation may turn it into MAXV)."""
+    if NAN_THROUGH:
+        a = tl.minimum(a, MAXV, propagate_nan=tl.PropagateNan.ALL)
+    else:
+        a = tl.minimum(a, MAXV)
     if IS_INT:
         # INT8 of MX: a fixed quantum of 2^-(MBITS-1); C = quantum * 2^23
         c = tl.full(a.shape, (127 + 23 - (MBITS - 1)) << 23, tl.int32).to(tl.float32, bitcast=True)
@@ -91,8 +105,21 @@ def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.const
         # the quantum of a's binade (fixed below the normal range), times 2^23
         ebits = tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
         c = (ebits + ((23 - MBITS) << 23)).to(tl.float32, bitcast=True)
-    r = (a + c) - c
-    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return (a + c) - c
+
+
+@triton.jit
+def _round_to_element(v, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr, IS_INT: tl.constexpr):
+    """Round float32 v to the element grid: half to even, subnormals kept, saturating at MAXV."""
+    bits = v.to(tl.int32, bitcast=True)
+    r = _round_abs_to_element((bits & 0x7FFFFFFF).to(tl.float32, bitcast=True), EMIN, MBITS, MAXV, IS_INT, False)
+    return _with_sign(r, bits)
+
+
+@triton.jit
+def _with_sign(y, bits):
+    """y (sign bit clear) with the sign bit of the int32 bit pattern `bits`: one 3-input logic op."""
+    return (y.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -110,33 +137,49 @@ def _to_output(y, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _exact_quotient(x, b, r, DIV_MODE: tl.constexpr):
-    """RN(x / b) for float32 x, b > 0 normal, r = RN(1 / b)."""
+def _abs_quotient(a, b, nb, r, DIV_MODE: tl.constexpr):
+    """RN(a / b) for float32 a >= 0, b > 0 normal, nb = -b, r = RN(1 / b).
+
+    Callers divide |x| and put x's sign back on the rounded result once: RN is symmetric, and a = +0
+    gives q0 = +0, a residual +0 and +0, so no signed zero needs restoring here. The residual takes
+    -b (negated once per scale) rather than -q0: no negation per element.
+    Non-finite a: DIV_MODE 0 gives Inf for Inf; DIV_MODE 1 gives NaN for both NaN and Inf (the
+    residual of Inf is Inf - Inf)."""
     if DIV_MODE == 0:
-        return tl.math.div_rn(x, b)
+        return tl.math.div_rn(a, b)
     else:
-        q0 = x * r
-        res = tl.fma(-q0, b, x)  # exact
-        q1 = tl.fma(res, r, q0)
-        # x = -0 gives q0 = -0, res = +0 and q1 = +0 + -0 = +0: restore the sign of the quotient
-        return (q1.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+        q0 = a * r
+        res = tl.fma(q0, nb, a)  # exact
+        return tl.fma(res, r, q0)
+
+
+@triton.jit
+def _lifted_quotient(a, b, nb, r, lift, any_lift, DIV_MODE: tl.constexpr):
+    """RN(a / b) where b and r were computed on scale * lift: lift is 2^80 for tiny scales (the
+    quotient of a * 2^80 by scale * 2^80: the same value, no subnormal residual), else 1. The tiny
+    case is rare and `any_lift` (a scalar: some lift of this program is not 1) is uniform over the
+    program, so it is a branch around the one multiply, not a multiply on every element."""
+    if any_lift:
+        a = a * lift
+    return _abs_quotient(a, b, nb, r, DIV_MODE)
 
 
 @triton.jit
 def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.constexpr,
-                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr):
-    """Offsets [R, BLOCK] of the R blocks program `pid` owns, and the mask of the real elements."""
+                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, WIDTH: tl.constexpr):
+    """Offsets [R, WIDTH] of the first WIDTH values of the R blocks program `pid` owns (WIDTH = BLOCK:
+    the whole blocks), and the mask of the real elements."""
     if INT64:
         blk = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
     else:
         blk = pid * R + tl.arange(0, R)
-    j = tl.arange(0, BLOCK)
+    j = tl.arange(0, WIDTH)
     if EVEN_K:  # the last dimension is a whole number of blocks: blocks are contiguous in memory
         offs = blk[:, None] * BLOCK + j[None, :]
         if EVEN_N:  # a constant mask, folded away by the compiler
-            mask = tl.full([R, BLOCK], 1, tl.int1)
+            mask = tl.full([R, WIDTH], 1, tl.int1)
         else:
-            mask = (blk[:, None] < n_blocks) & (j[None, :] < BLOCK)
+            mask = (blk[:, None] < n_blocks) & (j[None, :] < WIDTH)
     else:  # a tail block per row: index (row, column block) and mask the padding
         row = blk // blocks_per_row
         col = (blk % blocks_per_row) * BLOCK
@@ -146,13 +189,29 @@ def _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.con
 
 
 @triton.jit
+def _second_half_mask(pid, n_blocks, K, blocks_per_row, BLOCK: tl.constexpr, R: tl.constexpr,
+                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, first_mask):
+    """The mask of the second halves [R, BLOCK/2] of the blocks whose first halves `first_mask` masks."""
+    if EVEN_K:  # whole blocks: the second half is there wherever the first is
+        return first_mask
+    else:
+        if INT64:
+            blk = pid.to(tl.int64) * R + tl.arange(0, R).to(tl.int64)
+        else:
+            blk = pid * R + tl.arange(0, R)
+        col = (blk % blocks_per_row) * BLOCK + BLOCK // 2
+        j = tl.arange(0, BLOCK // 2)
+        return ((col[:, None] + j[None, :]) < K) & (blk[:, None] < n_blocks)
+
+
+@triton.jit
 def _mx_kernel(x_ptr, y_ptr, n_blocks, K, blocks_per_row,
                EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAXV: tl.constexpr,
                IS_INT: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, INT64: tl.constexpr, SOFT_BF16: tl.constexpr,
                RCEIL: tl.constexpr):
     pid = tl.program_id(0)
-    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
+    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # amax as the integer max of |x|'s bits: exact; Inf and NaN compare above every finite value
     amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
@@ -203,32 +262,78 @@ def _tensor_scale(amax_ptr, DIVISOR: tl.constexpr):
     return tl.where(s > 0, s, 1.0)
 
 
+# Tensor and row scales below 2^-50 take the quotient on values and scale multiplied by 2^80.
+# (Literals inside the kernels: 8.881784197001252e-16 = 2^-50, 1.2089258196146292e+24 = 2^80.)
+
+
+@triton.jit
+def _nvfp4_values(x, total_l, recip, total_y, lift, tiny, DIV_MODE: tl.constexpr):
+    """E2M1 fake quantization of float32 x [R, n] with per-block scales [R]: worked on |x| (the bits
+    without the sign), the sign put back on the result. total_y: the scale to dequantize with (NaN for
+    a block holding NaN or Inf: any q times NaN is NaN, one select per block instead of per value)."""
+    bits = x.to(tl.int32, bitcast=True)
+    a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)
+    v = _lifted_quotient(a, total_l[:, None], -total_l[:, None], recip[:, None], lift, tiny, DIV_MODE)
+    q = _round_abs_to_element(v, 0, 1, 6.0, False, False)  # E2M1
+    return _with_sign(q * total_y[:, None], bits)
+
+
 @triton.jit
 def _nvfp4_kernel(x_ptr, y_ptr, amax_ptr, n_blocks, K, blocks_per_row,
                   BLOCK: tl.constexpr, R: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                  INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr):
+                  INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr, REVERSE: tl.constexpr,
+                  HALVES: tl.constexpr):
+    """HALVES: each block is loaded as two tiles of BLOCK/2 columns (its first and second halves). A
+    16-byte load holds 8 bf16 values, so with one [R, 16] tile two threads share every block and each
+    computes the block's scale; with two [R, 8] tiles one thread holds the whole block and computes
+    its scale alone (half the per-block work per thread, at the price of two loads and two stores per
+    block that each fill half of a 32-byte sector)."""
     pid = tl.program_id(0)
     if REVERSE:  # start where the amax pass ended: that part of the tensor may still be in L2
         pid = tl.num_programs(0) - 1 - pid
     s_tensor = _tensor_scale(amax_ptr, 2688.0)  # 6 * 448
-    # tiny tensor scales: quotient computed on x * 2^80 and scale * 2^80 (same value, no subnormals)
-    lift = tl.where(s_tensor < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
-    offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    tiny = s_tensor < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
+    if HALVES:
+        offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK // 2)
+        offs_hi = offs + BLOCK // 2
+        mask_hi = _second_half_mask(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, mask)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + offs_hi, mask=mask_hi, other=0.0).to(tl.float32)
+        amax_bits = tl.maximum(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1),
+                               tl.max(x_hi.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1))
+    else:
+        offs, mask = _block_tile(pid, n_blocks, K, blocks_per_row, BLOCK, R, EVEN_K, EVEN_N, INT64, BLOCK)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        amax_bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
     bad = amax_bits >= 0x7F800000
     amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     ratio = tl.math.div_rn(tl.math.div_rn(amax, 6.0), s_tensor)
     ratio = tl.minimum(tl.maximum(ratio, 0.015625), 448.0)
-    s_block = _round_to_element(ratio, -6, 3, 448.0, False)  # E4M3, RNE
+    s_block = _round_abs_to_element(ratio, -6, 3, 448.0, False, False)  # E4M3, RNE (ratio > 0)
     total = s_block * s_tensor
     total_l = total * lift
     recip = tl.math.div_rn(1.0, total_l)
-    v = _exact_quotient(x * lift, total_l[:, None], recip[:, None], DIV_MODE)
-    q = _round_to_element(v, 0, 1, 6.0, False)  # E2M1
-    y = q * total[:, None]
-    y = tl.where(bad[:, None], float("nan"), y)
+    total_y = tl.where(bad, float("nan"), total)
+    y = _nvfp4_values(x, total_l, recip, total_y, lift, tiny, DIV_MODE)
     tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    if HALVES:
+        y_hi = _nvfp4_values(x_hi, total_l, recip, total_y, lift, tiny, DIV_MODE)
+        tl.store(y_ptr + offs_hi, _to_output(y_hi, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask_hi)
+
+
+@triton.jit
+def _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE: tl.constexpr):
+    """fp8 (E4M3) fake quantization of float32 x with the scale s (s_l = s * lift, recip = RN(1 / s_l)).
+    NaN and Inf become NaN: with DIV_MODE 1 the quotient of either is NaN already and the rounding
+    keeps it (no compare and select per element); with DIV_MODE 0 a select does it."""
+    bits = x.to(tl.int32, bitcast=True)
+    abits = bits & 0x7FFFFFFF
+    v = _lifted_quotient(abits.to(tl.float32, bitcast=True), s_l, -s_l, recip, lift, any_lift, DIV_MODE)
+    y = _with_sign(_round_abs_to_element(v, -6, 3, 448.0, False, DIV_MODE == 1) * s, bits)
+    if DIV_MODE == 0:
+        y = tl.where(abits < 0x7F800000, y, float("nan"))
+    return y
 
 
 @triton.jit
@@ -238,7 +343,8 @@ def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl
     if REVERSE:
         pid = tl.num_programs(0) - 1 - pid
     s = _tensor_scale(amax_ptr, 448.0)
-    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
+    tiny = s < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
     s_l = s * lift
     recip = tl.math.div_rn(1.0, s_l)
     if INT64:
@@ -247,17 +353,29 @@ def _fp8_tensor_kernel(x_ptr, y_ptr, amax_ptr, n, BLOCK: tl.constexpr, INT64: tl
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _round_to_element(_exact_quotient(x * lift, s_l, recip, DIV_MODE), -6, 3, 448.0, False)
-    y = q * s
-    finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
-    y = tl.where(finite, y, float("nan"))
+    y = _fp8_values(x, s, s_l, recip, lift, tiny, DIV_MODE)
     tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _row_scales(amax_bits):
+    """Per row: s = amax / 448 (1 for an all-zero row), the lift, s * lift, RN(1 / (s * lift)) and
+    whether any row of the program needs the lift."""
+    s = tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0)
+    s = tl.where(s > 0, s, 1.0)
+    tiny = s < 8.881784197001252e-16
+    lift = tl.where(tiny, 1.2089258196146292e+24, 1.0)
+    s_l = s * lift
+    recip = tl.math.div_rn(1.0, s_l)
+    return s[:, None], s_l[:, None], recip[:, None], lift[:, None], tl.max(tiny.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
 def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
                     INT64: tl.constexpr, DIV_MODE: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """ROWS rows per program: each row's amax over its finite values, then quantize with s = amax / 448."""
+    """ROWS rows per program: each row's amax over its finite values, then quantize with s = amax / 448.
+    A row that fits one column step (K_TILES == 1) is loaded once and kept in registers for both;
+    a longer row is read twice, the second time mostly from L2."""
     if INT64:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     else:
@@ -265,30 +383,34 @@ def _fp8_row_kernel(x_ptr, y_ptr, n_rows, K, ROWS: tl.constexpr, BLOCK_K: tl.con
     row_ok = rows < n_rows
     base = rows * K
     cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
-    for t in range(K_TILES):
-        k0 = t * BLOCK_K
-        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        x = tl.load(x_ptr + base[:, None] + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
-    amax = tl.max(acc, axis=1).to(tl.float32, bitcast=True)  # exact: an integer max, whatever BLOCK_K is
-    s = tl.math.div_rn(amax, 448.0)
-    s = tl.where(s > 0, s, 1.0)
-    lift = tl.where(s < 8.881784197001252e-16, 1.2089258196146292e+24, 1.0)
-    s_l = s * lift
-    recip = tl.math.div_rn(1.0, s_l)
-    for t in range(K_TILES):
-        k0 = t * BLOCK_K
-        m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-        offs = base[:, None] + k0 + cols[None, :]
+    if K_TILES == 1:
+        m = row_ok[:, None] & (cols < K)[None, :]
+        offs = base[:, None] + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        v = _exact_quotient(x * lift[:, None], s_l[:, None], recip[:, None], DIV_MODE)
-        q = _round_to_element(v, -6, 3, 448.0, False)
-        y = q * s[:, None]
-        finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
-        y = tl.where(finite, y, float("nan"))
+        # the max over finite |x| in one add per value: |x|'s bits + 2^23 stay positive for finite values
+        # and wrap to negative for Inf and NaN (above 0x7F7FFFFF), so a signed max passes over them;
+        # a row of non-finite values only has a negative max, and masked values (0) give 2^23: amax 0
+        top = tl.max((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) + 0x00800000, axis=1)
+        s, s_l, recip, lift, any_lift = _row_scales(tl.where(top > 0, top - 0x00800000, 0))
+        y = _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE)
         tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.int32)
+        for t in range(K_TILES):
+            k0 = t * BLOCK_K
+            m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            x = tl.load(x_ptr + base[:, None] + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            acc = tl.maximum(acc, tl.where(bits < 0x7F800000, bits, 0))
+        # exact: an integer max, whatever BLOCK_K is
+        s, s_l, recip, lift, any_lift = _row_scales(tl.max(acc, axis=1))
+        for t in range(K_TILES):
+            k0 = t * BLOCK_K
+            m = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+            offs = base[:, None] + k0 + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            y = _fp8_values(x, s, s_l, recip, lift, any_lift, DIV_MODE)
+            tl.store(y_ptr + offs, _to_output(y, y_ptr.dtype.element_ty, SOFT_BF16), mask=m)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -407,7 +529,7 @@ class TritonBackend(Backend):
         _nvfp4_kernel[grid](src, out, amax_bits, g["n_blocks"], K, g["blocks_per_row"],
                             BLOCK=block, R=t["R"], EVEN_K=g["EVEN_K"], EVEN_N=g["EVEN_N"],
                             INT64=g["INT64"], DIV_MODE=self.div_mode, SOFT_BF16=_INTERPRET, REVERSE=self.l2_reverse,
-                            num_warps=t["num_warps"], **_LAUNCH)
+                            HALVES=bool(t.get("HALVES", 0)), num_warps=t["num_warps"], **_LAUNCH)
 
     def nvfp4_block_pass(self, src: torch.Tensor, amax_bits: torch.Tensor,
                          out: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,7 +27,8 @@ from qgate.files import cache_root, write_atomic
 CACHE_NAME = "triton-tiles.json"
 
 # kernel -> its tile parameters. R: blocks per program; ROWS/BLOCK_K: rows per program and columns per
-# step of the per-row (fp8_channel) kernel; BLOCK/TILES: the tensor-amax pass of NVFP4 and fp8.
+# step of the per-row (fp8_channel) kernel; BLOCK/TILES: the tensor-amax pass of NVFP4 and fp8;
+# HALVES (NVFP4, 0 when absent): each block loaded as its two halves, one thread per block.
 DEFAULT: dict[str, dict[str, int]] = {
     "mx": {"R": 64, "num_warps": 4},
     "mx_rceil": {"R": 64, "num_warps": 4},
@@ -51,9 +52,15 @@ def _space() -> dict[str, list[dict[str, int]]]:
     rows = [{"ROWS": r, "BLOCK_K": k, "num_warps": w}
             for (r, k), w in itertools.product(((1, 2048), (1, 4096), (2, 1024), (2, 2048), (2, 4096),
                                                 (4, 1024), (4, 2048)), (4, 8, 16))]
+    # rows of K <= 4096 held whole in registers (one load for the amax and the quantization): 32 or 64
+    # values per thread, the counts that compile without spilling on sm_90 (128 per thread spill)
+    rows += [{"ROWS": 1, "BLOCK_K": 4096, "num_warps": 2}, {"ROWS": 4, "BLOCK_K": 4096, "num_warps": 8},
+             {"ROWS": 4, "BLOCK_K": 4096, "num_warps": 16}]
     amax = [{"BLOCK": b, "TILES": t, "num_warps": w}
             for b, t, w in ((4096, 8, 8), (4096, 4, 8), (2048, 8, 4), (4096, 16, 8), (8192, 4, 16), (2048, 16, 8))]
-    return {"mx": blocks, "mx_rceil": blocks, "nvfp4": blocks, "amax": amax, "fp8_row": rows}
+    # NVFP4 with each block loaded as two half tiles, so that one thread holds a whole block (HALVES)
+    halves = [{"R": r, "num_warps": w, "HALVES": 1} for r, w in itertools.product((64, 128, 256), (2, 4))]
+    return {"mx": blocks, "mx_rceil": blocks, "nvfp4": blocks + halves, "amax": amax, "fp8_row": rows}
 
 
 # every config a sweep may choose (and that the interpreter test covers)
