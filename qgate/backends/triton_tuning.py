@@ -40,10 +40,12 @@ DEFAULT: dict[str, dict[str, int]] = {
 # Measured sweeps (bench/NOTES-kernels.md). Missing kernels fall back to DEFAULT.
 KNOWN: dict[str, dict[str, dict[str, int]]] = {
     "NVIDIA H100 80GB HBM3": {},  # DEFAULT was chosen on it
-    # bench/kernels.py --sweep of 2026-11-30 (every config bit-identical): MX 100.7%, RCEIL 100.2% (97% with
-    # DEFAULT), NVFP4 block pass 90.4% (85.5%), fp8_channel 82.4% (77.5%) of copy; amax: DEFAULT was fastest
+    # bench/kernels.py --sweep of 2026-12-01 with the leaner NVFP4/fp8 kernels (every config bit-identical):
+    # MX 100.9%, RCEIL 100.8%, NVFP4 block pass 96.5% (half tiles), fp8_channel 94.8% (row held whole) of
+    # copy; amax: DEFAULT was fastest
     "NVIDIA H200": {"mx": {"R": 32, "num_warps": 2}, "mx_rceil": {"R": 64, "num_warps": 2},
-                    "nvfp4": {"R": 128, "num_warps": 2}, "fp8_row": {"ROWS": 2, "BLOCK_K": 4096, "num_warps": 4}},
+                    "nvfp4": {"R": 64, "num_warps": 2, "HALVES": 1},
+                    "fp8_row": {"ROWS": 1, "BLOCK_K": 4096, "num_warps": 2}},
 }
 
 
