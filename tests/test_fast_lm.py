@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from qgate.evaluation.fast_lm import FastLM, _one_row_products  # noqa: E402
+from qgate.evaluation.fast_lm import FastLM, _one_row_products, _split_prefill_is_exact  # noqa: E402
 from tiny import byte_tokenizer  # noqa: E402
 
 LL_TOL = 1e-4
@@ -80,6 +80,45 @@ def test_one_row_head_on_a_vocabulary_subset_equals_the_full_head():
         assert torch.equal(F.linear(x, w[ids])[0, 0], full[ids])
 
 
+def _prefill(model, ids, cut):
+    """Positions cut.. of `ids` run on a cache of the first `cut` (cut 0: the whole prompt): hidden, KV."""
+    from qgate.evaluation.fast_lm import _cache_layers, _new_dynamic_cache
+    from qgate.hf_cache import cache_argument
+
+    cache = _new_dynamic_cache(model.config)
+    with torch.no_grad():
+        if cut:
+            model.model(input_ids=torch.tensor([ids[:cut]]), **{cache_argument(): cache}, use_cache=True)
+        hidden = model.model(input_ids=torch.tensor([ids[cut:]]), **{cache_argument(): cache},
+                             use_cache=True).last_hidden_state
+    return hidden[0, -(len(ids) - cut):], _cache_layers(cache)
+
+
+def test_prompt_rest_on_a_shared_prefix_is_exact_wherever_fastlm_splits():
+    """SmolLM2's attention and MLP shapes (2 random layers): prefilling positions 512.. on the cache of the
+    first 512 gives the whole forward's bits wherever `_split_prefill_is_exact` allows the split."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=2, vocab_size=1000, max_position_embeddings=4096,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 1000, (1400,)).tolist()
+    allowed = 0
+    for rest in (5, 12, 16, 17, 31, 32, 33, 40, 48, 63, 64, 65, 100, 130, 161, 175, 193, 200, 256, 300, 600, 880):
+        if not _split_prefill_is_exact(512 + rest, 512):
+            continue
+        allowed += 1
+        whole_hidden, whole_kv = _prefill(model, ids[: 512 + rest], 0)
+        split_hidden, split_kv = _prefill(model, ids[: 512 + rest], 512)
+        assert torch.equal(whole_hidden[512:], split_hidden), rest
+        assert all(torch.equal(a, b) for x, y in zip(whole_kv, split_kv) for a, b in zip(x, y)), rest
+    assert allowed >= 15
+    assert not _split_prefill_is_exact(512 + 33, 512)  # a 1-row query block in the rest, 33 rows in the whole
+    assert not _split_prefill_is_exact(512 + 200, 500)  # not at a key block boundary
+
+
 # ------------------------------------------------------------------------------------------------
 # a tiny Qwen2 (q/k/v biases, untied head), byte tokenizer: fast
 
@@ -111,6 +150,36 @@ def test_tiny_generation_equals_hflm(tiny, decode, fixed_shapes):
     assert fast_lm.stats["decode_rows"] > fast_lm.stats["decode_steps"]  # rows really advanced together
     assert fast_lm.stats["hflm_generate"] == 0
     assert fast_lm.stats["fixed_shape_steps"] == (fast_lm.stats["decode_steps"] if fixed_shapes else 0)
+
+
+def test_exact_decode_prefills_a_shared_prompt_prefix_once_and_equals_hflm():
+    """Few-shot prompts sharing ~700 tokens: the first 512 run once, each prompt's rest on their cache."""
+    from transformers import AutoModelForCausalLM
+
+    from qgate.models import tiny_config
+
+    tokenizer = byte_tokenizer()
+    config = tiny_config("qwen2", vocab_size=len(tokenizer))
+    config.max_position_embeddings = 2048
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    shots = "".join(f"Question: what is {a} times {b}?\nAnswer: {a * b}\n\n" for a, b in
+                    [(12, 7), (3, 45), (101, 9), (8, 8), (66, 2), (9, 13), (40, 25), (7, 77), (31, 3), (5, 55),
+                     (14, 14), (90, 1), (2, 999), (17, 4), (23, 6), (6, 12), (11, 11), (70, 3), (44, 4), (1, 1)])
+    questions = ["what is 2 times 21?", "name a prime number above 100 and below 120, please?",
+                 "how many legs do three spiders and two cats have together, counting carefully?", "what is 0?",
+                 "is the product of two odd numbers odd or even, and why is that always the case for them?"]
+    reqs = [gen(i, shots + f"Question: {q}\nAnswer:", until=("\n\n",), max_gen_toks=12 + i)
+            for i, q in enumerate(questions)]
+    stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
+    fast_lm = FastLM(model, tokenizer, profile=True)
+    assert fast_lm.decode == "exact"
+    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
+    assert fast_lm.stats["shared_prefill_mismatch"] == 0
+    split = [q for q in reqs if _split_prefill_is_exact(len(q.args[0]), 512)]  # one token per byte
+    assert len(split) >= 2
+    assert fast_lm.stats["shared_prefill_tokens"] == 512 * len(split)
+    assert "gen prefill (shared prompt prefix, once)" in fast_lm.phases
 
 
 def test_batched_decode_with_repetition_penalty_equals_hflm(tiny):

@@ -19,7 +19,9 @@ loglikelihood_rolling
 generate_until
     Greedy decoding of many rows at once, each row finishing on its own (stop sequence, EOS, max_gen_toks)
     and a waiting request taking its place. With ``decode="exact"`` (the default on the CPU) every row
-    computes what HFLM at batch size 1 computes, to the bit: its prompt is prefilled alone; in decode steps
+    computes what HFLM at batch size 1 computes, to the bit: its prompt is prefilled alone (a prefix it
+    shares with other prompts, such as few-shot exemplars, once for all of them where the kernels give the
+    same bits that way, checked at run time); in decode steps
     each matrix product runs as a batch of one-row products (MKL's one-row kernel, not the many-row one,
     whose rounding differs) and attention runs per row on that row's own slot of the KV buffer; the LM head
     runs batched, a rounding-error bound picks the few tokens the one-row head could rank first, and only
@@ -86,6 +88,37 @@ _MIN_FILL = 0.8
 # its arithmetic: fewer, fuller forwards win over less padding. The standard MMLU requests (570 questions)
 # take 44 forwards (73,760 tokens) at 0.8 and 9 forwards (103,272 tokens) at 0.4.
 _MIN_FILL_GPU = 0.4
+# Exact decode may prefill a prompt as a prefix shared with other prompts, then its own rest on that prefix's
+# cache, only where that gives the bits of the whole-prompt forward. What decides it (PyTorch's CPU flash
+# attention and MKL, measured; tests/test_fast_lm.py keeps the facts):
+# - the kernel walks the keys in blocks of 512 counted from position 0, so the cut must be a multiple of 512;
+# - a row of a matrix product rounds the same in any product of at least ~12 rows, differently in smaller
+#   ones; the rest's own products must have at least _MIN_PREFILL_SUFFIX rows, and the kernel's query blocks
+#   (32, 64 or 256 rows by query length, counted from the forward's first query) must give every query of
+#   the rest a block of the same size as in the whole forward, or of at least that many rows in both.
+# FastLM also compares the first shared prefill of each call with the whole-prompt one, bit for bit.
+_PREFILL_BLOCK = 512
+_MIN_PREFILL_SUFFIX = 16
+
+
+def _flash_query_block(queries: int) -> int:
+    """Rows per query block of PyTorch's CPU flash attention for a forward of `queries` queries."""
+    return 256 if queries >= 768 else 64 if queries >= 192 else 32
+
+
+def _query_block_sizes(start: int, stop: int) -> list[int]:
+    """For each query of a forward over positions start..stop-1: the size of its query block."""
+    step = _flash_query_block(stop - start)
+    return [min(step, stop - b) for b in range(start, stop, step) for _ in range(min(step, stop - b))]
+
+
+def _split_prefill_is_exact(length: int, cut: int) -> bool:
+    """Whether prefilling positions cut..length-1 on a cache of the first `cut` gives the whole forward's bits."""
+    if cut % _PREFILL_BLOCK or length - cut < _MIN_PREFILL_SUFFIX:
+        return False
+    whole = _query_block_sizes(0, length)[cut:]
+    rest = _query_block_sizes(cut, length)
+    return all(a == b or min(a, b) >= _MIN_PREFILL_SUFFIX for a, b in zip(whole, rest))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,6 +415,57 @@ class _Row:
     cached: int = 0  # tokens in this row's cache
     slot: int = -1  # batched decode: the row's slot in the shared cache
     seen: torch.Tensor | None = None  # token ids for the repetition penalty
+    shared: int = 0  # exact decode: leading prompt tokens prefilled once for every row sharing them
+
+
+def _shared_prompt_prefixes(rows: list[_Row]) -> None:
+    """Set each row's `shared`: the longest prefix it has in common with another row, cut to a multiple of
+    _PREFILL_BLOCK, where prefilling the rest on that prefix is exact (`_split_prefill_is_exact`); else 0."""
+    ordered = sorted(rows, key=lambda r: r.prompt)
+    common = [_lcp(a.prompt, b.prompt) for a, b in zip(ordered, ordered[1:])]
+    for i, row in enumerate(ordered):
+        longest = max(common[i - 1] if i > 0 else 0, common[i] if i < len(common) else 0)
+        cut = longest // _PREFILL_BLOCK * _PREFILL_BLOCK
+        row.shared = cut if cut and _split_prefill_is_exact(len(row.prompt), cut) else 0
+
+
+class _SharedPrefixes:
+    """Exact decode: the prompt prefixes rows share (see _shared_prompt_prefixes) and, once run, their KV,
+    kept until the last row sharing one has been prefilled."""
+
+    def __init__(self, rows: list[_Row]):
+        _shared_prompt_prefixes(rows)
+        self.waiting: dict[tuple, int] = {}
+        for row in rows:
+            if row.shared:
+                key = tuple(row.prompt[: row.shared])
+                self.waiting[key] = self.waiting.get(key, 0) + 1
+        self.kv: dict[tuple, list] = {}
+        self.usable = bool(self.waiting)
+        self.checked = False  # the first shared prefill was compared with the whole-prompt one
+
+    def take(self, row: _Row):
+        """The KV of the row's prefix if already run (counting the row as served), else None."""
+        key = tuple(row.prompt[: row.shared])
+        layers = self.kv.get(key)
+        if layers is not None:
+            self._served(key)
+        return layers
+
+    def keep(self, row: _Row, layers):
+        key = tuple(row.prompt[: row.shared])
+        self.kv[key] = layers
+        self._served(key)
+        return layers
+
+    def _served(self, key: tuple) -> None:
+        self.waiting[key] -= 1
+        if not self.waiting[key]:
+            self.kv.pop(key, None)
+
+    def stop(self) -> None:
+        self.usable = False
+        self.kv.clear()
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -503,7 +587,8 @@ class FastLM(HFLM):
         # next token had several contenders, requests HFLM generated itself
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
                       "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
-                      "fixed_shape_steps": 0, "decode_graph_failed": 0}
+                      "fixed_shape_steps": 0, "decode_graph_failed": 0,
+                      "shared_prefill_tokens": 0, "shared_prefill_mismatch": 0}
         self.phases: dict[str, float] | None = {} if profile else None
 
     def _phase(self, name: str):
@@ -915,9 +1000,11 @@ class FastLM(HFLM):
         """Yield each row once it has finished; up to max_batch rows advance together, each in its own slot
         of one preallocated KV buffer (a finished row's slot goes to the next waiting row)."""
         eos_ids = self._eos_ids()
-        pending = deque(sorted(rows, key=lambda r: -len(r.prompt)))
-        active: list[_Row] = []
         exact = self.decode == "exact"
+        shared = _SharedPrefixes(rows) if exact else None
+        # exact decode: rows sharing a prompt prefix one after the other, so each prefix's KV is freed early
+        pending = deque(sorted(rows, key=(lambda r: r.prompt) if exact else (lambda r: -len(r.prompt))))
+        active: list[_Row] = []
         head_norms = None
         slots, free = None, []
         static = None  # the fixed-shape step (decode_graph), built with the KV buffer's first use
@@ -929,7 +1016,9 @@ class FastLM(HFLM):
                            and (len(batch) + 1) * len(batch[0].prompt) <= self.batch_tokens):
                         batch.append(pending.popleft())
                 started = time.perf_counter()
-                if len(batch) == 1:
+                if exact and batch[0].shared and shared.usable:
+                    prefilled = [self._prefill_on_shared_prefix(batch[0], shared)]
+                elif len(batch) == 1:
                     with self._phase("gen prefill (each prompt alone)"):
                         prefilled = [self._prefill(batch[0])]
                 else:
@@ -989,14 +1078,49 @@ class FastLM(HFLM):
 
     def _prefill(self, row: _Row):
         """Run one prompt alone, exactly as generate() at batch size 1 does; return its KV and first token."""
-        ids = torch.tensor([row.prompt], dtype=torch.long, device=self.device)
         cache = _new_dynamic_cache(self.model.config)
+        return self._prefill_into(cache, row, row.prompt)
+
+    def _prefill_into(self, cache, row: _Row, tokens: list[int]):
+        """Run `tokens` (the row's prompt, or its rest after a prefix already in `cache`); its KV and first token."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
         logits = self._head_logits(hidden[:, -1:, :])[:, -1].float()
         if row.penalty != 1.0:
-            row.seen = ids[0]
+            row.seen = torch.tensor(row.prompt, dtype=torch.long, device=self.device)
             logits = self._penalize(logits, [row])
         return _cache_layers(cache), int(logits.argmax(dim=-1))
+
+    def _prefill_on_shared_prefix(self, row: _Row, shared: "_SharedPrefixes"):
+        """Exact decode: the row's shared prefix (run once for every row sharing it), then the rest of its
+        prompt on a cache holding that prefix. The first row of a call is also prefilled whole and compared
+        to the bit (keys, values, first token); on any difference sharing stops for the call."""
+        prefix = shared.take(row)
+        if prefix is None:
+            with self._phase("gen prefill (shared prompt prefix, once)"):
+                cache = _new_dynamic_cache(self.model.config)
+                ids = torch.tensor([row.prompt[: row.shared]], dtype=torch.long, device=self.device)
+                self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True)
+                prefix = shared.keep(row, _cache_layers(cache))
+        with self._phase("gen prefill (rest of the prompt on its shared prefix)"):
+            cache = _new_dynamic_cache(self.model.config)
+            for i, (k, v) in enumerate(prefix):
+                cache.update(k, v, i)
+            result = self._prefill_into(cache, row, row.prompt[row.shared :])
+        if shared.checked:
+            self.stats["shared_prefill_tokens"] += row.shared
+            return result
+        with self._phase("gen prefill (check: the first shared prompt whole)"):
+            whole = self._prefill(row)
+        shared.checked = True
+        same = whole[1] == result[1] and all(
+            torch.equal(a, b) for pair_a, pair_b in zip(whole[0], result[0]) for a, b in zip(pair_a, pair_b))
+        if not same:
+            self.stats["shared_prefill_mismatch"] += 1
+            shared.stop()
+            return whole
+        self.stats["shared_prefill_tokens"] += row.shared
+        return result
 
     def _prefill_together(self, rows: list[_Row]):
         """Batched decode only: the prompts in one right-padded forward (causal attention never looks right,
