@@ -481,11 +481,20 @@ def bench_kernels_cmd(size_mib, formats, peers, mx_path, model, json_path, sweep
               help="The model's own (default), or Qwen2.5's (the default with a random model).")
 @click.option("--decode", type=click.Choice(["exact", "batched"]), default=None,
               help="FastLM's decoding (default: exact on the CPU, batched on a GPU).")
+@click.option("--min-fill", type=click.FloatRange(0.0, 1.0), default=None,
+              help="FastLM: a padded batch takes rows of at least this fraction of its longest "
+                   "(default 0.8 on the CPU, 0.4 on a GPU).")
+@click.option("--decode-graph/--no-decode-graph", default=None,
+              help="FastLM's fixed-shape batched decode step, a CUDA graph on a GPU (default: on a GPU).")
+@click.option("--profile/--no-profile", default=None,
+              help="Time FastLM's phases (default: on the CPU; on a GPU it adds synchronizes).")
+@click.option("--trace", "trace_dir", default=None, type=click.Path(file_okay=False),
+              help="Profile FastLM's runs with torch.profiler: an operator table per task in this folder.")
 @click.option("--json-file", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write every number here.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Also write every number to a timestamped JSON file in this folder.")
 def bench_eval_cmd(suite, tasks, limits, size, stock, device, requests_path, save_path, random_model, tokenizer, decode,
-                   json_path, out_dir):
+                   min_fill, decode_graph, profile, trace_dir, json_path, out_dir):
     """qgate's FastLM vs lm-eval's stock hf model (batch sizes 1, 16, auto) on the same requests: time, identity."""
     argv = ["--suite", suite, "--tasks", tasks, "--size", size]
     for item in (stock or "").split(","):
@@ -497,10 +506,13 @@ def bench_eval_cmd(suite, tasks, limits, size, stock, device, requests_path, sav
         argv += ["--limit", item]
     for flag, value in (("--device", device), ("--requests", requests_path), ("--save-requests", save_path),
                         ("--random-model", random_model), ("--tokenizer", tokenizer), ("--decode", decode),
-                        ("--json", json_path),
+                        ("--json", json_path), ("--min-fill", min_fill), ("--trace", trace_dir),
                         ("--stock", stock), ("--out", out_dir)):
         if value is not None:
             argv += [flag, str(value)]
+    for name, value in (("decode-graph", decode_graph), ("profile", profile)):
+        if value is not None:
+            argv.append(f"--{name}" if value else f"--no-{name}")
     code = _bench_module("eval").main(argv)
     if code:
         sys.exit(code)

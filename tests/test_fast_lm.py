@@ -320,6 +320,29 @@ def test_bench_eval_cli_rejects_a_malformed_limit():
     assert "mmlu40" in result.output and "TASK=N" in result.output
 
 
+def test_bench_eval_cli_passes_fastlm_settings_to_the_benchmark(monkeypatch):
+    """`qgate bench eval` hands its FastLM settings to bench/eval.py's own argument parser."""
+    import types
+
+    from click.testing import CliRunner
+
+    import qgate.cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(cli_module, "_bench_module",
+                        lambda name: types.SimpleNamespace(main=lambda argv: seen.append((name, argv)) or 0))
+    result = CliRunner().invoke(cli_module.cli, ["bench", "eval", "--min-fill", "0.5", "--no-decode-graph",
+                                                 "--profile", "--trace", "tr", "--decode", "batched"])
+    assert result.exit_code == 0, result.output
+    ((name, argv),) = seen
+    assert name == "eval"
+    for flag, value in (("--min-fill", "0.5"), ("--trace", "tr"), ("--decode", "batched")):
+        assert argv[argv.index(flag) + 1] == value
+    assert "--no-decode-graph" in argv and "--profile" in argv and "--decode-graph" not in argv
+    bad = CliRunner().invoke(cli_module.cli, ["bench", "eval", "--min-fill", "2"])
+    assert bad.exit_code == 2 and "--min-fill" in bad.output and len(seen) == 1
+
+
 def test_bench_saves_the_suite_requests(tmp_path):
     import json
 
