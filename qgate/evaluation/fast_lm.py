@@ -89,36 +89,59 @@ _MIN_FILL = 0.8
 # take 44 forwards (73,760 tokens) at 0.8 and 9 forwards (103,272 tokens) at 0.4.
 _MIN_FILL_GPU = 0.4
 # Exact decode may prefill a prompt as a prefix shared with other prompts, then its own rest on that prefix's
-# cache, only where that gives the bits of the whole-prompt forward. What decides it (PyTorch's CPU flash
-# attention and MKL, measured; tests/test_fast_lm.py keeps the facts):
-# - the kernel walks the keys in blocks of 512 counted from position 0, so the cut must be a multiple of 512;
-# - a row of a matrix product rounds the same in any product of at least ~12 rows, differently in smaller
-#   ones; the rest's own products must have at least _MIN_PREFILL_SUFFIX rows, and the kernel's query blocks
-#   (32, 64 or 256 rows by query length, counted from the forward's first query) must give every query of
-#   the rest a block of the same size as in the whole forward, or of at least that many rows in both.
-# FastLM also compares the first shared prefill of each call with the whole-prompt one, bit for bit.
+# cache, only where that gives the bits of the whole-prompt forward. Whether it does depends on the CPU's
+# kernels (measured, tests/test_fast_lm.py): PyTorch's CPU flash attention walks the keys in blocks of 512
+# counted from position 0, so the cut must be a multiple of 512, and products of fewer than ~16 rows round
+# differently on every CPU seen; beyond that it varies. On an AMD EPYC (MKL, AVX-512) the attention's query
+# blocks decide it; on an Intel Xeon with AMX the MLP's down projection (1536 -> 576) rounds a product of
+# 57-192 rows differently from a larger one. So those two are only the candidates; a probe decides each
+# (prompt length, cut): the model's first decoder layer run on the real tokens, whole and split, compared
+# to the bit (every layer runs the same kernels on the same shapes). FastLM also compares the first shared
+# prefill of each call with the whole-prompt one through the whole model, bit for bit.
 _PREFILL_BLOCK = 512
 _MIN_PREFILL_SUFFIX = 16
 
 
-def _flash_query_block(queries: int) -> int:
-    """Rows per query block of PyTorch's CPU flash attention for a forward of `queries` queries."""
-    return 256 if queries >= 768 else 64 if queries >= 192 else 32
+def _split_prefill_candidate(length: int, cut: int) -> bool:
+    """Whether a split of a `length`-token prompt at `cut` is worth probing (see _PREFILL_BLOCK)."""
+    return cut > 0 and cut % _PREFILL_BLOCK == 0 and length - cut >= _MIN_PREFILL_SUFFIX
 
 
-def _query_block_sizes(start: int, stop: int) -> list[int]:
-    """For each query of a forward over positions start..stop-1: the size of its query block."""
-    step = _flash_query_block(stop - start)
-    return [min(step, stop - b) for b in range(start, stop, step) for _ in range(min(step, stop - b))]
+def _first_layer_body(base):
+    """The transformer body running only its first decoder layer (the same modules and weights), for
+    probing kernels on a model's shapes at a fraction of a forward's cost; None where the body has no
+    `layers` list to cut."""
+    import copy
+
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or not hasattr(base, "config"):
+        return None
+    body = copy.copy(base)
+    body._modules = dict(base._modules)
+    body._modules["layers"] = torch.nn.ModuleList([layers[0]])
+    body.config = copy.copy(base.config)
+    body.config.num_hidden_layers = 1
+    return body
 
 
-def _split_prefill_is_exact(length: int, cut: int) -> bool:
-    """Whether prefilling positions cut..length-1 on a cache of the first `cut` gives the whole forward's bits."""
-    if cut % _PREFILL_BLOCK or length - cut < _MIN_PREFILL_SUFFIX:
-        return False
-    whole = _query_block_sizes(0, length)[cut:]
-    rest = _query_block_sizes(cut, length)
-    return all(a == b or min(a, b) >= _MIN_PREFILL_SUFFIX for a, b in zip(whole, rest))
+def _prefill_split(body, tokens: list[int], cut: int, device) -> tuple[torch.Tensor, list]:
+    """Positions cut.. of `tokens` run through `body` on a cache holding the first `cut` (cut 0: the whole
+    prompt in one forward): their hidden states and the cache's (keys, values) per layer."""
+    cache = _new_dynamic_cache(body.config)
+    with torch.no_grad():
+        if cut:
+            body(input_ids=torch.tensor([tokens[:cut]], device=device), **{cache_argument(): cache}, use_cache=True)
+        hidden = body(input_ids=torch.tensor([tokens[cut:]], device=device), **{cache_argument(): cache},
+                      use_cache=True).last_hidden_state
+    return hidden[0, -(len(tokens) - cut):], _cache_layers(cache)
+
+
+def _split_prefill_matches(body, tokens: list[int], cut: int, device) -> bool:
+    """Whether prefilling `tokens` split at `cut` gives, to the bit, the hidden states and KV of one forward."""
+    whole_hidden, whole_kv = _prefill_split(body, tokens, 0, device)
+    split_hidden, split_kv = _prefill_split(body, tokens, cut, device)
+    return torch.equal(whole_hidden[cut:], split_hidden) and all(
+        torch.equal(a, b) for pair_a, pair_b in zip(whole_kv, split_kv) for a, b in zip(pair_a, pair_b))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,23 +441,32 @@ class _Row:
     shared: int = 0  # exact decode: leading prompt tokens prefilled once for every row sharing them
 
 
-def _shared_prompt_prefixes(rows: list[_Row]) -> None:
+def _shared_prompt_prefixes(rows: list[_Row], split_is_exact) -> None:
     """Set each row's `shared`: the longest prefix it has in common with another row, cut to a multiple of
-    _PREFILL_BLOCK, where prefilling the rest on that prefix is exact (`_split_prefill_is_exact`); else 0."""
+    _PREFILL_BLOCK, where `split_is_exact(prompt, cut)` says prefilling the rest on that prefix gives the
+    whole forward's bits; else 0. A prefix left to a single row is not shared (it would save nothing)."""
     ordered = sorted(rows, key=lambda r: r.prompt)
     common = [_lcp(a.prompt, b.prompt) for a, b in zip(ordered, ordered[1:])]
     for i, row in enumerate(ordered):
         longest = max(common[i - 1] if i > 0 else 0, common[i] if i < len(common) else 0)
         cut = longest // _PREFILL_BLOCK * _PREFILL_BLOCK
-        row.shared = cut if cut and _split_prefill_is_exact(len(row.prompt), cut) else 0
+        row.shared = cut if _split_prefill_candidate(len(row.prompt), cut) and split_is_exact(row.prompt, cut) else 0
+    users: dict[tuple, int] = {}
+    for row in rows:
+        if row.shared:
+            key = tuple(row.prompt[: row.shared])
+            users[key] = users.get(key, 0) + 1
+    for row in rows:
+        if row.shared and users[tuple(row.prompt[: row.shared])] == 1:
+            row.shared = 0
 
 
 class _SharedPrefixes:
     """Exact decode: the prompt prefixes rows share (see _shared_prompt_prefixes) and, once run, their KV,
     kept until the last row sharing one has been prefilled."""
 
-    def __init__(self, rows: list[_Row]):
-        _shared_prompt_prefixes(rows)
+    def __init__(self, rows: list[_Row], split_is_exact):
+        _shared_prompt_prefixes(rows, split_is_exact)
         self.waiting: dict[tuple, int] = {}
         for row in rows:
             if row.shared:
@@ -588,8 +620,10 @@ class FastLM(HFLM):
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
                       "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
                       "fixed_shape_steps": 0, "decode_graph_failed": 0,
-                      "shared_prefill_tokens": 0, "shared_prefill_mismatch": 0}
+                      "shared_prefill_tokens": 0, "shared_prefill_mismatch": 0, "split_probes": 0}
         self.phases: dict[str, float] | None = {} if profile else None
+        self._split_verdicts: dict[tuple[int, int], bool] = {}  # (prompt length, cut) -> split prefill exact
+        self._probe_body = None  # the body cut to its first layer, built on the first probe
 
     def _phase(self, name: str):
         """A timer for one phase when profiling (see ``profile``), else a no-op context."""
@@ -1001,7 +1035,7 @@ class FastLM(HFLM):
         of one preallocated KV buffer (a finished row's slot goes to the next waiting row)."""
         eos_ids = self._eos_ids()
         exact = self.decode == "exact"
-        shared = _SharedPrefixes(rows) if exact else None
+        shared = _SharedPrefixes(rows, self._split_prefill_is_exact) if exact else None
         # exact decode: rows sharing a prompt prefix one after the other, so each prefix's KV is freed early
         pending = deque(sorted(rows, key=(lambda r: r.prompt) if exact else (lambda r: -len(r.prompt))))
         active: list[_Row] = []
@@ -1090,6 +1124,19 @@ class FastLM(HFLM):
             row.seen = torch.tensor(row.prompt, dtype=torch.long, device=self.device)
             logits = self._penalize(logits, [row])
         return _cache_layers(cache), int(logits.argmax(dim=-1))
+
+    def _split_prefill_is_exact(self, tokens: list[int], cut: int) -> bool:
+        """Whether this model on this machine prefills `tokens` split at `cut` to the whole forward's bits:
+        probed once per (length, cut) on the first decoder layer (see _PREFILL_BLOCK)."""
+        key = (len(tokens), cut)
+        if key not in self._split_verdicts:
+            with self._phase("gen prefill (probe: first layer, split vs whole)"):
+                if self._probe_body is None:
+                    self._probe_body = _first_layer_body(self._base) or False
+                self._split_verdicts[key] = self._probe_body is not False and _split_prefill_matches(
+                    self._probe_body, tokens, cut, self.device)
+            self.stats["split_probes"] += 1
+        return self._split_verdicts[key]
 
     def _prefill_on_shared_prefix(self, row: _Row, shared: "_SharedPrefixes"):
         """Exact decode: the row's shared prefix (run once for every row sharing it), then the rest of its
