@@ -94,17 +94,42 @@ _MIN_FILL_GPU = 0.4
 # counted from position 0, so the cut must be a multiple of 512, and products of fewer than ~16 rows round
 # differently on every CPU seen; beyond that it varies. On an AMD EPYC (MKL, AVX-512) the attention's query
 # blocks decide it; on an Intel Xeon with AMX the MLP's down projection (1536 -> 576) rounds a product of
-# 57-192 rows differently from a larger one. So those two are only the candidates; a probe decides each
-# (prompt length, cut): the model's first decoder layer run on the real tokens, whole and split, compared
-# to the bit (every layer runs the same kernels on the same shapes). FastLM also compares the first shared
-# prefill of each call with the whole-prompt one through the whole model, bit for bit.
+# 57-192 rows differently from a larger one. A rest's products can run zero-padded to _PADDED_REST_ROWS
+# rows (sliced after), in the many-row regime of the whole prompt's products on both CPUs. A probe decides
+# each (prompt length, cut): the model's first decoder layer run on the real tokens, whole and split
+# (plain, else padded), compared to the bit (every layer runs the same kernels on the same shapes).
+# FastLM also compares the first shared prefill of each call with the whole-prompt one through the whole
+# model, bit for bit.
 _PREFILL_BLOCK = 512
-_MIN_PREFILL_SUFFIX = 16
+_MIN_PREFILL_SUFFIX = 16  # a plain rest of fewer rows differs on every CPU seen: only padded is probed
+_PADDED_REST_ROWS = 256
 
 
 def _split_prefill_candidate(length: int, cut: int) -> bool:
     """Whether a split of a `length`-token prompt at `cut` is worth probing (see _PREFILL_BLOCK)."""
-    return cut > 0 and cut % _PREFILL_BLOCK == 0 and length - cut >= _MIN_PREFILL_SUFFIX
+    return cut > 0 and cut % _PREFILL_BLOCK == 0 and length > cut
+
+
+@contextlib.contextmanager
+def _products_of_at_least(rows: int):
+    """Inside (rows > 0): a linear map on a [1, M, K] input with M < rows runs on the input zero-padded to
+    `rows` rows and returns the first M, so that MKL uses its many-row kernel, as on the whole prompt."""
+    if not rows:
+        yield
+        return
+    original = F.linear
+
+    def linear(input, weight, bias=None):
+        if input.dim() == 3 and input.shape[0] == 1 and 1 < input.shape[1] < rows:
+            m = input.shape[1]
+            return original(F.pad(input, (0, 0, 0, rows - m)), weight, bias)[:, :m]
+        return original(input, weight, bias)
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
 
 
 def _first_layer_body(base):
@@ -124,22 +149,25 @@ def _first_layer_body(base):
     return body
 
 
-def _prefill_split(body, tokens: list[int], cut: int, device) -> tuple[torch.Tensor, list]:
+def _prefill_split(body, tokens: list[int], cut: int, device, rest_rows: int = 0) -> tuple[torch.Tensor, list]:
     """Positions cut.. of `tokens` run through `body` on a cache holding the first `cut` (cut 0: the whole
-    prompt in one forward): their hidden states and the cache's (keys, values) per layer."""
+    prompt in one forward), their products padded to `rest_rows` rows (0: none): their hidden states and
+    the cache's (keys, values) per layer."""
     cache = _new_dynamic_cache(body.config)
     with torch.no_grad():
         if cut:
             body(input_ids=torch.tensor([tokens[:cut]], device=device), **{cache_argument(): cache}, use_cache=True)
-        hidden = body(input_ids=torch.tensor([tokens[cut:]], device=device), **{cache_argument(): cache},
-                      use_cache=True).last_hidden_state
+        with _products_of_at_least(rest_rows):
+            hidden = body(input_ids=torch.tensor([tokens[cut:]], device=device), **{cache_argument(): cache},
+                          use_cache=True).last_hidden_state
     return hidden[0, -(len(tokens) - cut):], _cache_layers(cache)
 
 
-def _split_prefill_matches(body, tokens: list[int], cut: int, device) -> bool:
-    """Whether prefilling `tokens` split at `cut` gives, to the bit, the hidden states and KV of one forward."""
+def _split_prefill_matches(body, tokens: list[int], cut: int, device, rest_rows: int = 0) -> bool:
+    """Whether prefilling `tokens` split at `cut` (the rest's products padded to `rest_rows` rows) gives, to
+    the bit, the hidden states and KV of one forward."""
     whole_hidden, whole_kv = _prefill_split(body, tokens, 0, device)
-    split_hidden, split_kv = _prefill_split(body, tokens, cut, device)
+    split_hidden, split_kv = _prefill_split(body, tokens, cut, device, rest_rows)
     return torch.equal(whole_hidden[cut:], split_hidden) and all(
         torch.equal(a, b) for pair_a, pair_b in zip(whole_kv, split_kv) for a, b in zip(pair_a, pair_b))
 
@@ -203,6 +231,26 @@ def _full_attention_only(config) -> bool:
 # exact batched decode: one-row products and per-row attention
 
 
+# A one-row product reads its whole weight matrix, so a decode step of many rows reads a weight too large
+# for a core's L2 cache once per row from further away. Cut into blocks of output features, each block is
+# read from L2 by every row after the first. A one-row product's values do not depend on which output
+# features it computes alongside (a multiple of 64 of them; tests/test_fast_lm.py), so the bits stay.
+# Measured on a 2-core Intel Xeon at 16 rows: SmolLM2's MLP products 1.7x faster; smaller weights and
+# fewer rows gain nothing.
+_OUTPUT_BLOCK_BYTES = 512 * 1024
+_OUTPUT_BLOCKS_FROM_BYTES = 2 * 1024 * 1024
+_OUTPUT_BLOCKS_FROM_ROWS = 8
+
+
+def _output_block(weight: torch.Tensor, rows: int) -> int:
+    """Output features per block for `rows` one-row products with `weight` [N, K]; 0: the whole weight."""
+    size = weight.shape[0] * weight.shape[1] * weight.element_size()
+    if rows < _OUTPUT_BLOCKS_FROM_ROWS or size <= _OUTPUT_BLOCKS_FROM_BYTES:
+        return 0
+    step = _OUTPUT_BLOCK_BYTES // (weight.shape[1] * weight.element_size()) // 64 * 64
+    return step if 0 < step < weight.shape[0] else 0
+
+
 @contextlib.contextmanager
 def _one_row_products():
     """Inside: a linear map applied to a [B, 1, K] input runs as B one-row products (one bmm).
@@ -213,13 +261,20 @@ def _one_row_products():
     """
     original = F.linear
 
+    def rows_times(input, weight, bias):
+        n = input.shape[0]
+        w = weight.t().unsqueeze(0).expand(n, -1, -1)
+        if bias is None:
+            return torch.bmm(input, w)
+        return torch.baddbmm(bias.view(1, 1, -1).expand(n, 1, -1), input, w)
+
     def linear(input, weight, bias=None):
         if input.dim() == 3 and input.shape[1] == 1 and input.shape[0] > 1:
-            n = input.shape[0]
-            w = weight.t().unsqueeze(0).expand(n, -1, -1)
-            if bias is None:
-                return torch.bmm(input, w)
-            return torch.baddbmm(bias.view(1, 1, -1).expand(n, 1, -1), input, w)
+            step = _output_block(weight, input.shape[0])
+            if not step:
+                return rows_times(input, weight, bias)
+            return torch.cat([rows_times(input, weight[j : j + step], None if bias is None else bias[j : j + step])
+                              for j in range(0, weight.shape[0], step)], dim=2)
         return original(input, weight, bias)
 
     F.linear = linear
@@ -439,18 +494,21 @@ class _Row:
     slot: int = -1  # batched decode: the row's slot in the shared cache
     seen: torch.Tensor | None = None  # token ids for the repetition penalty
     shared: int = 0  # exact decode: leading prompt tokens prefilled once for every row sharing them
+    rest_rows: int = 0  # exact decode: the rest's products padded to this many rows (0: not padded)
 
 
-def _shared_prompt_prefixes(rows: list[_Row], split_is_exact) -> None:
+def _shared_prompt_prefixes(rows: list[_Row], split_rows) -> None:
     """Set each row's `shared`: the longest prefix it has in common with another row, cut to a multiple of
-    _PREFILL_BLOCK, where `split_is_exact(prompt, cut)` says prefilling the rest on that prefix gives the
-    whole forward's bits; else 0. A prefix left to a single row is not shared (it would save nothing)."""
+    _PREFILL_BLOCK, where `split_rows(prompt, cut)` says how prefilling the rest on that prefix gives the
+    whole forward's bits (`rest_rows`: 0 plain, else padded to that many rows; None: it does not); else 0.
+    A prefix left to a single row is not shared (it would save nothing)."""
     ordered = sorted(rows, key=lambda r: r.prompt)
     common = [_lcp(a.prompt, b.prompt) for a, b in zip(ordered, ordered[1:])]
     for i, row in enumerate(ordered):
         longest = max(common[i - 1] if i > 0 else 0, common[i] if i < len(common) else 0)
         cut = longest // _PREFILL_BLOCK * _PREFILL_BLOCK
-        row.shared = cut if _split_prefill_candidate(len(row.prompt), cut) and split_is_exact(row.prompt, cut) else 0
+        rest_rows = split_rows(row.prompt, cut) if _split_prefill_candidate(len(row.prompt), cut) else None
+        row.shared, row.rest_rows = (0, 0) if rest_rows is None else (cut, rest_rows)
     users: dict[tuple, int] = {}
     for row in rows:
         if row.shared:
@@ -458,15 +516,15 @@ def _shared_prompt_prefixes(rows: list[_Row], split_is_exact) -> None:
             users[key] = users.get(key, 0) + 1
     for row in rows:
         if row.shared and users[tuple(row.prompt[: row.shared])] == 1:
-            row.shared = 0
+            row.shared = row.rest_rows = 0
 
 
 class _SharedPrefixes:
     """Exact decode: the prompt prefixes rows share (see _shared_prompt_prefixes) and, once run, their KV,
     kept until the last row sharing one has been prefilled."""
 
-    def __init__(self, rows: list[_Row], split_is_exact):
-        _shared_prompt_prefixes(rows, split_is_exact)
+    def __init__(self, rows: list[_Row], split_rows):
+        _shared_prompt_prefixes(rows, split_rows)
         self.waiting: dict[tuple, int] = {}
         for row in rows:
             if row.shared:
@@ -620,9 +678,11 @@ class FastLM(HFLM):
         self.stats = {"exact_loglikelihood": 0, "exact_head_rows": 0, "hflm_generate": 0, "hflm_hooked_calls": 0,
                       "shared_prefix_tokens": 0, "forward_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "decode_rows": 0,
                       "fixed_shape_steps": 0, "decode_graph_failed": 0,
-                      "shared_prefill_tokens": 0, "shared_prefill_mismatch": 0, "split_probes": 0}
+                      "shared_prefill_tokens": 0, "shared_prefill_mismatch": 0, "split_probes": 0,
+                      "shared_prefill_padded": 0}
         self.phases: dict[str, float] | None = {} if profile else None
-        self._split_verdicts: dict[tuple[int, int], bool] = {}  # (prompt length, cut) -> split prefill exact
+        # (prompt length, cut) -> how a split prefill keeps the bits (rest_rows, 0: plain), None: it does not
+        self._split_verdicts: dict[tuple[int, int], int | None] = {}
         self._probe_body = None  # the body cut to its first layer, built on the first probe
 
     def _phase(self, name: str):
@@ -1035,7 +1095,7 @@ class FastLM(HFLM):
         of one preallocated KV buffer (a finished row's slot goes to the next waiting row)."""
         eos_ids = self._eos_ids()
         exact = self.decode == "exact"
-        shared = _SharedPrefixes(rows, self._split_prefill_is_exact) if exact else None
+        shared = _SharedPrefixes(rows, self._split_prefill_rows) if exact else None
         # exact decode: rows sharing a prompt prefix one after the other, so each prefix's KV is freed early
         pending = deque(sorted(rows, key=(lambda r: r.prompt) if exact else (lambda r: -len(r.prompt))))
         active: list[_Row] = []
@@ -1115,26 +1175,37 @@ class FastLM(HFLM):
         cache = _new_dynamic_cache(self.model.config)
         return self._prefill_into(cache, row, row.prompt)
 
-    def _prefill_into(self, cache, row: _Row, tokens: list[int]):
-        """Run `tokens` (the row's prompt, or its rest after a prefix already in `cache`); its KV and first token."""
+    def _prefill_into(self, cache, row: _Row, tokens: list[int], rest_rows: int = 0):
+        """Run `tokens` (the row's prompt, or its rest after a prefix already in `cache`, its products padded
+        to `rest_rows` rows); its KV and first token (the head on one row, as generate() computes it)."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
+        with _products_of_at_least(rest_rows):
+            hidden = self._base(input_ids=ids, **{cache_argument(): cache}, use_cache=True).last_hidden_state
         logits = self._head_logits(hidden[:, -1:, :])[:, -1].float()
         if row.penalty != 1.0:
             row.seen = torch.tensor(row.prompt, dtype=torch.long, device=self.device)
             logits = self._penalize(logits, [row])
         return _cache_layers(cache), int(logits.argmax(dim=-1))
 
-    def _split_prefill_is_exact(self, tokens: list[int], cut: int) -> bool:
-        """Whether this model on this machine prefills `tokens` split at `cut` to the whole forward's bits:
-        probed once per (length, cut) on the first decoder layer (see _PREFILL_BLOCK)."""
+    def _split_prefill_rows(self, tokens: list[int], cut: int) -> int | None:
+        """How this model on this machine prefills `tokens` split at `cut` to the whole forward's bits: 0
+        plain, _PADDED_REST_ROWS with the rest's products padded, None not at all. Probed once per (length,
+        cut) on the first decoder layer (see _PREFILL_BLOCK)."""
         key = (len(tokens), cut)
         if key not in self._split_verdicts:
+            rest = len(tokens) - cut
+            ways = [0] if rest >= _MIN_PREFILL_SUFFIX else []
+            if rest < _PADDED_REST_ROWS:
+                ways.append(_PADDED_REST_ROWS)
+            verdict = None
             with self._phase("gen prefill (probe: first layer, split vs whole)"):
                 if self._probe_body is None:
                     self._probe_body = _first_layer_body(self._base) or False
-                self._split_verdicts[key] = self._probe_body is not False and _split_prefill_matches(
-                    self._probe_body, tokens, cut, self.device)
+                for rest_rows in ways if self._probe_body is not False else []:
+                    if _split_prefill_matches(self._probe_body, tokens, cut, self.device, rest_rows):
+                        verdict = rest_rows
+                        break
+            self._split_verdicts[key] = verdict
             self.stats["split_probes"] += 1
         return self._split_verdicts[key]
 
@@ -1153,9 +1224,10 @@ class FastLM(HFLM):
             cache = _new_dynamic_cache(self.model.config)
             for i, (k, v) in enumerate(prefix):
                 cache.update(k, v, i)
-            result = self._prefill_into(cache, row, row.prompt[row.shared :])
+            result = self._prefill_into(cache, row, row.prompt[row.shared :], row.rest_rows)
         if shared.checked:
             self.stats["shared_prefill_tokens"] += row.shared
+            self.stats["shared_prefill_padded"] += bool(row.rest_rows)
             return result
         with self._phase("gen prefill (check: the first shared prompt whole)"):
             whole = self._prefill(row)
@@ -1167,6 +1239,7 @@ class FastLM(HFLM):
             shared.stop()
             return whole
         self.stats["shared_prefill_tokens"] += row.shared
+        self.stats["shared_prefill_padded"] += bool(row.rest_rows)
         return result
 
     def _prefill_together(self, rows: list[_Row]):
