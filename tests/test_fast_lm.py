@@ -196,12 +196,14 @@ def test_exact_decode_prefills_a_shared_prompt_prefix_once_and_equals_hflm():
     stock = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).generate_until(reqs, disable_tqdm=True)
     fast_lm = FastLM(model, tokenizer, profile=True)
     assert fast_lm.decode == "exact"
-    assert fast_lm.generate_until(reqs, disable_tqdm=True) == stock
-    assert fast_lm.stats["shared_prefill_mismatch"] == 0
-    assert fast_lm.stats["split_probes"] == len(reqs)  # every prompt shares 512 tokens and has >= 16 more
+    texts = fast_lm.generate_until(reqs, disable_tqdm=True)
+    seen = (fast_lm.stats, fast_lm._split_verdicts, torch.get_num_threads())  # what a failure reports
+    assert texts == stock, seen
+    assert fast_lm.stats["shared_prefill_mismatch"] == 0, seen
+    assert fast_lm.stats["split_probes"] == len(reqs), seen  # every prompt shares 512 tokens, has more after
     split = [q for q in reqs if fast_lm._split_verdicts[(len(q.args[0]), 512)] is not None]  # a token a byte
-    assert len(split) >= 2
-    assert fast_lm.stats["shared_prefill_tokens"] == 512 * len(split)
+    assert len(split) >= 2, seen
+    assert fast_lm.stats["shared_prefill_tokens"] == 512 * len(split), seen
     assert "gen prefill (shared prompt prefix, once)" in fast_lm.phases
 
 
