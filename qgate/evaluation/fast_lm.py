@@ -146,6 +146,8 @@ def _first_layer_body(base):
     body._modules["layers"] = torch.nn.ModuleList([layers[0]])
     body.config = copy.copy(base.config)
     body.config.num_hidden_layers = 1
+    if getattr(base.config, "layer_types", None):  # a cache built from the config has a layer per entry
+        body.config.layer_types = list(base.config.layer_types[:1])
     return body
 
 
@@ -169,7 +171,8 @@ def _split_prefill_matches(body, tokens: list[int], cut: int, device, rest_rows:
     whole_hidden, whole_kv = _prefill_split(body, tokens, 0, device)
     split_hidden, split_kv = _prefill_split(body, tokens, cut, device, rest_rows)
     return torch.equal(whole_hidden[cut:], split_hidden) and all(
-        torch.equal(a, b) for pair_a, pair_b in zip(whole_kv, split_kv) for a, b in zip(pair_a, pair_b))
+        a is b or (a is not None and b is not None and torch.equal(a, b))  # a layer the body never ran: None
+        for pair_a, pair_b in zip(whole_kv, split_kv) for a, b in zip(pair_a, pair_b))
 
 
 # ------------------------------------------------------------------------------------------------
