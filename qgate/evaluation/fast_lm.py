@@ -117,15 +117,22 @@ def _products_of_at_least(rows: int):
     if not rows:
         yield
         return
-    original = F.linear
 
-    def linear(input, weight, bias=None):
+    def linear(original, input, weight, bias=None):
         if input.dim() == 3 and input.shape[0] == 1 and 1 < input.shape[1] < rows:
             m = input.shape[1]
             return original(F.pad(input, (0, 0, 0, rows - m)), weight, bias)[:, :m]
         return original(input, weight, bias)
 
-    F.linear = linear
+    with _linear_replaced_by(linear):
+        yield
+
+
+@contextlib.contextmanager
+def _linear_replaced_by(linear):
+    """Inside: F.linear(input, weight, bias) calls linear(original F.linear, input, weight, bias)."""
+    original = F.linear
+    F.linear = lambda input, weight, bias=None: linear(original, input, weight, bias)
     try:
         yield
     finally:
@@ -262,7 +269,6 @@ def _one_row_products():
     matrix product of B single rows uses the one-row arithmetic for each, so every row gets exactly the
     numbers HFLM's batch-size-1 decode step gets (checked against it in the tests).
     """
-    original = F.linear
 
     def rows_times(input, weight, bias):
         n = input.shape[0]
@@ -271,7 +277,7 @@ def _one_row_products():
             return torch.bmm(input, w)
         return torch.baddbmm(bias.view(1, 1, -1).expand(n, 1, -1), input, w)
 
-    def linear(input, weight, bias=None):
+    def linear(original, input, weight, bias=None):
         if input.dim() == 3 and input.shape[1] == 1 and input.shape[0] > 1:
             step = _output_block(weight, input.shape[0])
             if not step:
@@ -280,11 +286,8 @@ def _one_row_products():
                               for j in range(0, weight.shape[0], step)], dim=2)
         return original(input, weight, bias)
 
-    F.linear = linear
-    try:
+    with _linear_replaced_by(linear):
         yield
-    finally:
-        F.linear = original
 
 
 class _RowKV:
