@@ -132,12 +132,13 @@ def test_a_prompt_shares_its_prefix_only_where_the_probe_allows_and_another_prom
         # this machine's kernels: the 60-token rest never gives the whole forward's bits, 11 tokens padded
         return None if len(prompt) == 1100 + 60 else 256 if len(prompt) - cut < 16 else 0
 
-    _shared_prompt_prefixes(rows, split_rows)
+    users = _shared_prompt_prefixes(rows, split_rows)
     assert [r.shared for r in rows] == [1024, 0, 1024, 1024, 1024, 0]
+    assert users == {tuple(exemplars[:1024]): 4}
     assert [r.rest_rows for r in rows] == [0, 0, 0, 256, 0, 0]
     assert sorted(asked) == [(1035, 1024), (1140, 1024), (1160, 1024), (1190, 1024), (1400, 1024)]
     lone = [_Row(i, exemplars + [5000 + i] * 40, [], [], 8, 1.0) for i in range(2)]
-    _shared_prompt_prefixes(lone, lambda prompt, cut: 0 if prompt[-1] == 5000 else None)
+    assert _shared_prompt_prefixes(lone, lambda prompt, cut: 0 if prompt[-1] == 5000 else None) == {}
     assert [r.shared for r in lone] == [0, 0]  # a prefix only one prompt may use is not worth a separate run
 
 

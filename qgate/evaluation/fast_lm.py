@@ -38,6 +38,7 @@ over a whole tensor (one scale for all rows), which a different batching would c
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -143,8 +144,6 @@ def _first_layer_body(base):
     """The transformer body running only its first decoder layer (the same modules and weights), for
     probing kernels on a model's shapes at a fraction of a forward's cost; None where the body has no
     `layers` list to cut."""
-    import copy
-
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0 or not hasattr(base, "config"):
         return None
@@ -177,9 +176,13 @@ def _split_prefill_matches(body, tokens: list[int], cut: int, device, rest_rows:
     the bit, the hidden states and KV of one forward."""
     whole_hidden, whole_kv = _prefill_split(body, tokens, 0, device)
     split_hidden, split_kv = _prefill_split(body, tokens, cut, device, rest_rows)
-    return torch.equal(whole_hidden[cut:], split_hidden) and all(
-        a is b or (a is not None and b is not None and torch.equal(a, b))  # a layer the body never ran: None
-        for pair_a, pair_b in zip(whole_kv, split_kv) for a, b in zip(pair_a, pair_b))
+    return torch.equal(whole_hidden[cut:], split_hidden) and _same_kv(whole_kv, split_kv)
+
+
+def _same_kv(layers_a: list, layers_b: list) -> bool:
+    """Whether two caches' (keys, values) per layer are equal to the bit (a layer never run: None in both)."""
+    return all(a is b or (a is not None and b is not None and torch.equal(a, b))
+               for pair_a, pair_b in zip(layers_a, layers_b) for a, b in zip(pair_a, pair_b))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,8 +248,8 @@ def _full_attention_only(config) -> bool:
 # for a core's L2 cache once per row from further away. Cut into blocks of output features, each block is
 # read from L2 by every row after the first. A one-row product's values do not depend on which output
 # features it computes alongside (a multiple of 64 of them; tests/test_fast_lm.py), so the bits stay.
-# Measured on a 2-core Intel Xeon at 16 rows: SmolLM2's MLP products 1.7x faster; smaller weights and
-# fewer rows gain nothing.
+# Measured on a 2-core Intel Xeon at 16 rows: SmolLM2's MLP products 1.5-1.7x faster (with, without bias);
+# smaller weights and fewer rows gain nothing.
 _OUTPUT_BLOCK_BYTES = 512 * 1024
 _OUTPUT_BLOCKS_FROM_BYTES = 2 * 1024 * 1024
 _OUTPUT_BLOCKS_FROM_ROWS = 8
@@ -503,11 +506,12 @@ class _Row:
     rest_rows: int = 0  # exact decode: the rest's products padded to this many rows (0: not padded)
 
 
-def _shared_prompt_prefixes(rows: list[_Row], split_rows) -> None:
+def _shared_prompt_prefixes(rows: list[_Row], split_rows) -> dict[tuple, int]:
     """Set each row's `shared`: the longest prefix it has in common with another row, cut to a multiple of
     _PREFILL_BLOCK, where `split_rows(prompt, cut)` says how prefilling the rest on that prefix gives the
     whole forward's bits (`rest_rows`: 0 plain, else padded to that many rows; None: it does not); else 0.
-    A prefix left to a single row is not shared (it would save nothing)."""
+    A prefix left to a single row is not shared (it would save nothing). Returns the rows of each shared
+    prefix (its tokens as a tuple)."""
     ordered = sorted(rows, key=lambda r: r.prompt)
     common = [_lcp(a.prompt, b.prompt) for a, b in zip(ordered, ordered[1:])]
     for i, row in enumerate(ordered):
@@ -522,7 +526,9 @@ def _shared_prompt_prefixes(rows: list[_Row], split_rows) -> None:
             users[key] = users.get(key, 0) + 1
     for row in rows:
         if row.shared and users[tuple(row.prompt[: row.shared])] == 1:
+            del users[tuple(row.prompt[: row.shared])]
             row.shared = row.rest_rows = 0
+    return users
 
 
 class _SharedPrefixes:
@@ -530,12 +536,7 @@ class _SharedPrefixes:
     kept until the last row sharing one has been prefilled."""
 
     def __init__(self, rows: list[_Row], split_rows):
-        _shared_prompt_prefixes(rows, split_rows)
-        self.waiting: dict[tuple, int] = {}
-        for row in rows:
-            if row.shared:
-                key = tuple(row.prompt[: row.shared])
-                self.waiting[key] = self.waiting.get(key, 0) + 1
+        self.waiting = _shared_prompt_prefixes(rows, split_rows)  # rows still to prefill on each prefix
         self.kv: dict[tuple, list] = {}
         self.usable = bool(self.waiting)
         self.checked = False  # the first shared prefill was compared with the whole-prompt one
@@ -1231,19 +1232,14 @@ class FastLM(HFLM):
             for i, (k, v) in enumerate(prefix):
                 cache.update(k, v, i)
             result = self._prefill_into(cache, row, row.prompt[row.shared :], row.rest_rows)
-        if shared.checked:
-            self.stats["shared_prefill_tokens"] += row.shared
-            self.stats["shared_prefill_padded"] += bool(row.rest_rows)
-            return result
-        with self._phase("gen prefill (check: the first shared prompt whole)"):
-            whole = self._prefill(row)
-        shared.checked = True
-        same = whole[1] == result[1] and all(
-            torch.equal(a, b) for pair_a, pair_b in zip(whole[0], result[0]) for a, b in zip(pair_a, pair_b))
-        if not same:
-            self.stats["shared_prefill_mismatch"] += 1
-            shared.stop()
-            return whole
+        if not shared.checked:
+            with self._phase("gen prefill (check: the first shared prompt whole)"):
+                whole = self._prefill(row)
+            shared.checked = True
+            if whole[1] != result[1] or not _same_kv(whole[0], result[0]):
+                self.stats["shared_prefill_mismatch"] += 1
+                shared.stop()
+                return whole
         self.stats["shared_prefill_tokens"] += row.shared
         self.stats["shared_prefill_padded"] += bool(row.rest_rows)
         return result
